@@ -1,0 +1,168 @@
+"""Argument and pytree checks with errors that say what to do next."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HINTS = {
+  "rho": "the decay rate of both running averages; the paper uses 0.95",
+  "eps": "it keeps the first step nonzero: with eps=0 Adadelta never moves",
+  "learning_rate": "the paper uses 1.0",
+  "weight_decay": "0 disables it",
+}
+
+
+def _is_tracer(value: Any) -> bool:
+  return isinstance(value, jax.core.Tracer)
+
+
+def _real_values(name: str, value: Any) -> np.ndarray | None:
+  """The concrete values of a hyper-parameter, or None when traced."""
+  if _is_tracer(value):
+    return None
+  if isinstance(value, bool) or value is None or isinstance(value, str):
+    raise TypeError(f"{name} must be a real number or array, got {value!r}")
+  try:
+    values = np.asarray(value)
+  except Exception as err:  # a tracer nested in a container, an odd object
+    raise TypeError(f"{name} must be a real number or array, got {value!r}") from err
+  if not (jnp.issubdtype(values.dtype, jnp.integer) or jnp.issubdtype(values.dtype, jnp.floating)):
+    raise TypeError(f"{name} must be a real number or array, got {value!r} of dtype {values.dtype}")
+  return values.astype(np.float64)
+
+
+def check_in_range(
+  name: str, value: Any, *, low: float, high: float | None, low_open: bool
+) -> None:
+  """Raises ValueError unless every concrete value is finite and in range."""
+  values = _real_values(name, value)
+  if values is None:
+    return
+  above_low = values > low if low_open else values >= low
+  below_high = np.isfinite(values) if high is None else values <= high
+  if not np.all(above_low & below_high):
+    interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
+    raise ValueError(f"{name} must be finite and in {interval} ({_HINTS[name]}), got {value!r}")
+
+
+def check_learning_rate_like(name: str, value: Any) -> None:
+  """A float or array >= 0, or a schedule (a callable of the step count)."""
+  if callable(value):
+    return
+  if value is None:
+    raise TypeError(
+      f"{name} must be a number, array or optax schedule, got None "
+      "(optax.adadelta's learning_rate=None ascends the loss; use 1.0 for the paper's step)"
+    )
+  check_in_range(name, value, low=0.0, high=None, low_open=False)
+
+
+def check_flag(name: str, value: Any) -> None:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def is_python_zero(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
+
+
+def check_accumulator_dtype(dtype: Any) -> np.dtype | None:
+  """None, or a real floating dtype."""
+  if dtype is None:
+    return None
+  try:
+    dtype = jnp.dtype(dtype)
+  except TypeError as err:
+    raise TypeError(
+      f"accumulator_dtype must be None or a floating dtype such as jnp.float32, got {dtype!r}"
+    ) from err
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+      "accumulator_dtype must be None or a real floating dtype such as jnp.float32 "
+      f"(complex parameters get the matching complex dtype), got {dtype}"
+    )
+  return dtype
+
+
+_COMPLEX_OF: dict[np.dtype, np.dtype] = {
+  np.dtype(np.float32): np.dtype(np.complex64),
+  np.dtype(np.float64): np.dtype(np.complex128),
+}
+
+
+def state_dtype(path, param: Any, accumulator_dtype: np.dtype | None) -> np.dtype:
+  """The dtype of the state leaf for one parameter."""
+  dtype = jnp.result_type(param)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(
+      f"Adadelta can only train floating or complex parameters; the parameter at "
+      f"{jax.tree_util.keystr(path) or 'the root'} has dtype {dtype}. Keep it out of "
+      "the optimizer (optax.masked, optax.multi_transform) or pass None in its place."
+    )
+  if accumulator_dtype is None:
+    return np.dtype(jax.dtypes.canonicalize_dtype(dtype))
+  accumulator_dtype = np.dtype(jax.dtypes.canonicalize_dtype(accumulator_dtype))
+  if not jnp.issubdtype(dtype, jnp.complexfloating):
+    return accumulator_dtype
+  if accumulator_dtype not in _COMPLEX_OF:
+    raise TypeError(
+      f"accumulator_dtype={accumulator_dtype} has no complex counterpart for the complex "
+      f"parameter at {jax.tree_util.keystr(path) or 'the root'}; use jnp.float32 or jnp.float64"
+    )
+  return _COMPLEX_OF[accumulator_dtype]
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def flatten_gradients(updates: Any):
+  """Paths, leaves and structure of a gradient tree; None leaves are kept."""
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(updates, is_leaf=_is_none)
+  paths = [path for path, _ in with_paths]
+  leaves = [leaf for _, leaf in with_paths]
+  return paths, leaves, treedef
+
+
+def leaves_like_state(treedef, state_tree: Any, field: str) -> list[Any]:
+  """The state's leaves in the gradients' order, or an error showing both trees."""
+  try:
+    return treedef.flatten_up_to(state_tree)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+      "The gradients do not have the structure of the parameters that built the "
+      "optimizer state (init).\n"
+      f"  gradients:    {treedef}\n"
+      f"  state.{field}: {jax.tree.structure(state_tree)}\n"
+      "Pass gradients shaped like the parameters given to init, or call init again."
+    ) from err
+
+
+def check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
+  """Raises a clear error when one gradient leaf does not fit its state leaf."""
+  where = jax.tree_util.keystr(path) or "the root"
+  if state_leaf is None:
+    raise ValueError(
+      f"The gradient at {where} is an array, but that parameter was None at init, "
+      "so the optimizer has no state for it. Call init with the parameter present."
+    )
+  dtype = jnp.result_type(grad)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(
+      f"The gradient at {where} has dtype {dtype}; Adadelta needs floating or complex gradients."
+    )
+  if jnp.iscomplexobj(grad) != jnp.iscomplexobj(state_leaf):
+    raise TypeError(
+      f"The gradient at {where} has dtype {dtype} but its state has dtype "
+      f"{state_leaf.dtype}: a complex parameter needs complex gradients, "
+      "a real one real gradients."
+    )
+  if jnp.shape(grad) != jnp.shape(state_leaf):
+    raise ValueError(
+      f"The gradient at {where} has shape {jnp.shape(grad)} but its parameter had "
+      f"shape {jnp.shape(state_leaf)} at init."
+    )
