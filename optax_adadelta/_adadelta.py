@@ -108,6 +108,7 @@ def scale_by_adadelta(
   def update_leaf(path, g, e_g2, e_dx2):
     if g is None:
       return None, e_g2, e_dx2
+    g = jnp.asarray(g)
     _checks.check_gradient_leaf(path, g, e_g2)
     dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
     dtype = jnp.promote_types(dtype, jnp.float32)

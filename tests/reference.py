@@ -1,0 +1,85 @@
+"""An independent float64 NumPy transcription of Adadelta (Zeiler 2012, Algorithm 1).
+
+Written from the paper's equations, not from the package: per real coordinate,
+with E[g²]₀ = E[Δx²]₀ = 0,
+
+  E[g²]ₜ  = ρ E[g²]ₜ₋₁ + (1−ρ) gₜ²
+  Δxₜ     = −√(E[Δx²]ₜ₋₁+ε) / √(E[g²]ₜ+ε) · gₜ
+  E[Δx²]ₜ = ρ E[Δx²]ₜ₋₁ + (1−ρ) Δxₜ²
+  xₜ₊₁    = xₜ + η Δxₜ
+
+plus the documented extras: maximize negates g first; coupled weight decay adds λx to g;
+decoupled weight decay subtracts ηλx from the new x (x taken before the step).
+Complex numbers are split into (real, imaginary) coordinate pairs by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class ReferenceRun:
+  params: list[np.ndarray]
+  e_g2: list[np.ndarray]
+  e_dx2: list[np.ndarray]
+  steps: list[list[np.ndarray]] = field(default_factory=list)  # η·Δx per step, per leaf
+
+
+def as_real(x) -> np.ndarray:
+  """float64 view of a real or complex array; complex gets a trailing (re, im) axis."""
+  x = np.asarray(x)
+  if np.iscomplexobj(x):
+    return np.stack([x.real, x.imag], axis=-1).astype(np.float64)
+  return x.astype(np.float64)
+
+
+def run(
+  params: Sequence[np.ndarray],
+  gradients: Sequence[Sequence[np.ndarray]] | Callable[[list[np.ndarray], int], list[np.ndarray]],
+  num_steps: int | None = None,
+  *,
+  learning_rate: float | Callable[[int], float] = 1.0,
+  rho: float = 0.95,
+  eps: float = 1e-6,
+  weight_decay: float | Callable[[int], float] = 0.0,
+  decay_mask: Sequence[bool] | None = None,
+  decoupled: bool = False,
+  maximize: bool = False,
+) -> ReferenceRun:
+  """Runs Adadelta on each step's gradients (a list, or a function of (params, t)).
+
+  learning_rate and weight_decay are numbers or functions of the step t = 0, 1, ...
+  """
+  x = [as_real(p) for p in params]
+  e_g2 = [np.zeros_like(p) for p in x]
+  e_dx2 = [np.zeros_like(p) for p in x]
+  mask = [True] * len(x) if decay_mask is None else list(decay_mask)
+  if num_steps is None:
+    assert not callable(gradients)
+    num_steps = len(gradients)
+  result = ReferenceRun(x, e_g2, e_dx2)
+  for t in range(num_steps):
+    grads = gradients(x, t) if callable(gradients) else gradients[t]
+    eta = learning_rate(t) if callable(learning_rate) else learning_rate
+    lam = weight_decay(t) if callable(weight_decay) else weight_decay
+    taken = []
+    for i, g in enumerate(grads):
+      g = as_real(g)
+      if maximize:
+        g = -g
+      if lam and mask[i] and not decoupled:
+        g = g + lam * x[i]
+      e_g2[i] = rho * e_g2[i] + (1 - rho) * g**2
+      dx = -np.sqrt(e_dx2[i] + eps) / np.sqrt(e_g2[i] + eps) * g
+      e_dx2[i] = rho * e_dx2[i] + (1 - rho) * dx**2
+      step = eta * dx
+      if lam and mask[i] and decoupled:
+        step = step - eta * lam * x[i]
+      taken.append(step)
+      x[i] = x[i] + step
+    result.steps.append(taken)
+  return result
