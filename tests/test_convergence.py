@@ -47,24 +47,30 @@ def test_defaults_descend_into_the_rosenbrock_valley():
   assert float(jnp.min(losses)) < 0.25  # from 24.2 into the valley (f64: 0.124) in 2000 steps
 
 
+def _rosenbrock_grad(x, t):
+  x0, x1 = x[0]
+  return [np.array([-2 * (1 - x0) - 400 * x0 * (x1 - x0**2), 200 * (x1 - x0**2)])]
+
+
 def test_defaults_do_not_settle_at_the_rosenbrock_minimum_and_neither_does_the_reference():
   """A finding, documented in the README: Adadelta (ρ=0.95, ε=1e-6) on the deterministic
-  Rosenbrock function enters the valley, then drifts along it away from (1, 1), the loss
-  rising again. The float64 reference does the same, so this is the algorithm, not the code.
+  Rosenbrock function enters the valley (loss 0.124 at step ~725), overshoots across it with a
+  growing oscillation, then drifts along it away from (1, 1), the loss rising to ~0.5.
+  Near step 700 differences of 1e-16 grow tenfold every ~5 steps, so trajectories are only
+  comparable step for step before that; the float64 reference drifts the same way, so this is
+  the algorithm, not the code.
   """
+  start = np.array([-1.2, 1.0])
   with jax.enable_x64(True):
-    params, losses = _optimise(
-      _rosenbrock, jnp.array([-1.2, 1.0], jnp.float64), optax_adadelta.adadelta(), 20000
-    )
-
-  def rosenbrock_grad(x, t):
-    x0, x1 = x[0]
-    return [np.array([-2 * (1 - x0) - 400 * x0 * (x1 - x0**2), 200 * (x1 - x0**2)])]
-
-  ref = reference.run([np.array([-1.2, 1.0])], rosenbrock_grad, 20000)
-  np.testing.assert_allclose(params, ref.params[0], rtol=1e-6)
-  assert float(losses[-1]) > 3 * float(jnp.min(losses))
-  assert float(_rosenbrock(params)) > 0.3
+    tx = optax_adadelta.adadelta()
+    early, _ = _optimise(_rosenbrock, jnp.asarray(start), tx, 600)
+    late, losses = _optimise(_rosenbrock, jnp.asarray(start), tx, 20000)
+  np.testing.assert_allclose(early, reference.run([start], _rosenbrock_grad, 600).params[0],
+                             rtol=1e-12)
+  ref_late = reference.run([start], _rosenbrock_grad, 20000).params[0]
+  assert float(jnp.min(losses)) < 0.13
+  assert float(_rosenbrock(late)) > 3 * float(jnp.min(losses))
+  assert float(_rosenbrock(ref_late)) > 3 * float(jnp.min(losses))
 
 
 def test_maximize_climbs_a_concave_objective():
