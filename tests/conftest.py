@@ -6,11 +6,9 @@ os.environ["XLA_FLAGS"] = " ".join(
   [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 
-import hypothesis  # noqa: E402
+import hypothesis
 
-hypothesis.settings.register_profile(
-  "default", deadline=None, max_examples=30, print_blob=True
-)
+hypothesis.settings.register_profile("default", deadline=None, max_examples=30, print_blob=True)
 # CI: the same examples on every run, so a red build is reproducible.
 hypothesis.settings.register_profile(
   "ci", deadline=None, max_examples=30, derandomize=True, print_blob=True

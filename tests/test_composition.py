@@ -14,14 +14,18 @@ from tests import reference
 
 
 def _params():
-  return {"dense": {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)},
-          "norm": jnp.full(3, 0.5)}
+  return {
+    "dense": {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)},
+    "norm": jnp.full(3, 0.5),
+  }
 
 
 def _grads(num_steps=10, seed=0, scale=1.0):
   rng = np.random.default_rng(seed)
-  return [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * scale, jnp.float32),
-                       _params()) for _ in range(num_steps)]
+  return [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * scale, jnp.float32), _params())
+    for _ in range(num_steps)
+  ]
 
 
 def _run(tx, grads, params=None):
@@ -80,8 +84,9 @@ def test_inject_hyperparams_changes_rho_eps_and_learning_rate_mid_training():
   update = jax.jit(tx.update)
   for t, g in enumerate(grads):
     if t == 5:
-      state.hyperparams.update(learning_rate=jnp.asarray(0.5), rho=jnp.asarray(0.8),
-                               eps=jnp.asarray(1e-3))
+      state.hyperparams.update(
+        learning_rate=jnp.asarray(0.5), rho=jnp.asarray(0.8), eps=jnp.asarray(1e-3)
+      )
     updates, state = update(g, state)
     params = optax.apply_updates(params, updates)
 
@@ -112,8 +117,13 @@ def test_multisteps_averages_k_gradients_per_adadelta_step():
   grads = _grads(num_steps=12)
   ours, _ = _run(optax.MultiSteps(optax_adadelta.adadelta(), every_k_schedule=3), grads)
   g = _leaves(grads)
-  means = [[np.mean([np.asarray(g[t + j][i], np.float64) for j in range(3)], axis=0)
-            for i in range(len(g[0]))] for t in range(0, 12, 3)]
+  means = [
+    [
+      np.mean([np.asarray(g[t + j][i], np.float64) for j in range(3)], axis=0)
+      for i in range(len(g[0]))
+    ]
+    for t in range(0, 12, 3)
+  ]
   chex.assert_trees_all_close(ours, _reference(means), rtol=2e-5)
 
 

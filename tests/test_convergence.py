@@ -66,8 +66,9 @@ def test_defaults_do_not_settle_at_the_rosenbrock_minimum_and_neither_does_the_r
     early, _ = _optimise(_rosenbrock, jnp.asarray(start), tx, 600)
     late, losses = _optimise(_rosenbrock, jnp.asarray(start), tx, 20000)
     late_loss, min_loss = float(_rosenbrock(late)), float(jnp.min(losses))
-  np.testing.assert_allclose(early, reference.run([start], _rosenbrock_grad, 600).params[0],
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+    early, reference.run([start], _rosenbrock_grad, 600).params[0], rtol=1e-12
+  )
   ref_late = reference.run([start], _rosenbrock_grad, 20000).params[0]
   assert min_loss < 0.13
   assert late_loss > 3 * min_loss
@@ -92,7 +93,8 @@ def test_decay_still_shrinks_parameters_under_maximize():
   start = jnp.full(4, 2.0)
   for maximize in (False, True):
     for decoupled in (False, True):
-      tx = optax_adadelta.adadelta(weight_decay=0.1, maximize=maximize,
-                                   decoupled_weight_decay=decoupled)
+      tx = optax_adadelta.adadelta(
+        weight_decay=0.1, maximize=maximize, decoupled_weight_decay=decoupled
+      )
       params, _ = _optimise(flat, start, tx, 200)
       assert jnp.all(jnp.abs(params) < 2.0), (maximize, decoupled, params)

@@ -64,7 +64,7 @@ def run_ours(tx, params, grads_per_step):
 
 
 def assert_matches_reference(ours, ref: reference.ReferenceRun, rtol: float) -> None:
-  params, state, steps = ours
+  _, state, steps = ours
   for t, (got_step, want_step) in enumerate(zip(steps, ref.steps, strict=True)):
     for got, want in zip(got_step, want_step, strict=True):
       np.testing.assert_allclose(reference.as_real(got), want, rtol=rtol, err_msg=f"step {t}")

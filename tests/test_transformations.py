@@ -19,8 +19,10 @@ _GRID_EPS = (1e-2, 1e-6)
 def _problem(seed: int = 0, num_steps: int = 8):
   rng = np.random.default_rng(seed)
   params = {"w": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32), "b": jnp.zeros(4)}
-  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
-           for _ in range(num_steps)]
+  grads = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+    for _ in range(num_steps)
+  ]
   return params, grads
 
 
@@ -28,6 +30,11 @@ def _reference_final(params, grads, **hyper):
   leaves, treedef = jax.tree.flatten(params)
   run = reference.run(leaves, [jax.tree.leaves(g) for g in grads], **hyper)
   return jax.tree.unflatten(treedef, run.params)
+
+
+def _member(stacked, i):
+  """The i-th problem of a tree stacked along axis 0."""
+  return jax.tree.map(lambda x: x[i], stacked)
 
 
 def _quadratic_grads(params):
@@ -60,7 +67,7 @@ def test_vmap_over_independent_problems_equals_separate_runs():
     updates, state = jax.vmap(tx.update)(grads, state)
     params = optax.apply_updates(params, updates)
   for i, (p0, grads) in enumerate(problems):
-    separate = jax.tree.map(lambda x: x[i], params)
+    separate = _member(params, i)
     chex.assert_trees_all_close(separate, _reference_final(p0, grads, learning_rate=0.3), rtol=2e-5)
 
 
@@ -84,9 +91,9 @@ def test_vmap_over_a_grid_of_rho_and_eps_inside_one_jit_equals_separate_runs():
   grid = jax.jit(jax.vmap(_train))(rho, eps, lr)
   for i in range(rho.size):
     separate = jax.jit(_train)(rho[i], eps[i], lr[i])  # same hyper-parameters, same dtypes
-    chex.assert_trees_all_equal(jax.tree.map(lambda x: x[i], grid), separate)
+    chex.assert_trees_all_equal(_member(grid, i), separate)
     with_floats = _train(float(rho[i]), float(eps[i]), float(lr[i]))
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[i], grid), with_floats, rtol=1e-5)
+    chex.assert_trees_all_close(_member(grid, i), with_floats, rtol=1e-5)
 
 
 def test_scan_training_loop_follows_the_reference():
