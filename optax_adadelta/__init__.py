@@ -1,7 +1,19 @@
 """Adadelta (Zeiler 2012) for JAX, as optax gradient transformations."""
 
+from optax_adadelta import interop, presets
 from optax_adadelta._adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
+from optax_adadelta.transforms import ParamsEmaState, clip_by_leaf_norm, finalize, params_ema
 
 __version__ = "0.1.0"
 
-__all__ = ["ScaleByAdadeltaState", "adadelta", "scale_by_adadelta"]
+__all__ = [
+  "ParamsEmaState",
+  "ScaleByAdadeltaState",
+  "adadelta",
+  "clip_by_leaf_norm",
+  "finalize",
+  "interop",
+  "params_ema",
+  "presets",
+  "scale_by_adadelta",
+]

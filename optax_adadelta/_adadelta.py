@@ -92,6 +92,16 @@ def scale_by_adadelta(
   _checks.check_in_range("rho", rho, low=0.0, high=1.0, low_open=False)
   _checks.check_in_range("eps", eps, low=0.0, high=None, low_open=True)
   accumulator_dtype = _checks.check_accumulator_dtype(accumulator_dtype)
+  return scale_by_kernel(_adadelta_coordinates, rho, eps, accumulator_dtype)
+
+
+def scale_by_kernel(kernel, rho, eps, accumulator_dtype) -> optax.GradientTransformation:
+  """The Adadelta state and tree plumbing around a per-coordinate `kernel`.
+
+  `kernel(g, e_g2, e_dx2, rho, one_minus_rho, eps)` returns `(step, e_g2, e_dx2)` for real
+  arrays of one dtype; presets pass their peer's order of operations. Arguments are
+  validated by the caller.
+  """
   one_minus_rho = 1 - rho  # in Python double precision when rho is a float
 
   def init_fn(params):
@@ -114,7 +124,7 @@ def scale_by_adadelta(
     dtype = jnp.promote_types(dtype, jnp.float32)
     hyper = [jnp.asarray(h, dtype) for h in (rho, one_minus_rho, eps)]
     per_coordinate = [
-      _adadelta_coordinates(*(c.astype(dtype) for c in coords), *hyper)
+      kernel(*(c.astype(dtype) for c in coords), *hyper)
       for coords in zip(_coordinates(g), _coordinates(e_g2), _coordinates(e_dx2), strict=True)
     ]
     step, new_e_g2, new_e_dx2 = zip(*per_coordinate, strict=True)
@@ -208,13 +218,28 @@ def adadelta(
   _checks.check_flag("decoupled_weight_decay", decoupled_weight_decay)
   _checks.check_flag("maximize", maximize)
 
+  core = scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype)
+  return descend_with(
+    core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay, maximize
+  )
+
+
+def descend_with(
+  core: optax.GradientTransformation,
+  learning_rate: ScalarOrSchedule,
+  weight_decay: ScalarOrSchedule,
+  weight_decay_mask: Any,
+  decoupled_weight_decay: bool,
+  maximize: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """Sign, weight decay and learning rate around a `scale_by_*` core (validated by the caller)."""
   decay = []
   if not _checks.is_python_zero(weight_decay):
     decay = [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
   chain = optax.chain(
     *([optax.scale(-1.0)] if maximize else []),
     *([] if decoupled_weight_decay else decay),
-    scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype),
+    core,
     *(decay if decoupled_weight_decay else []),
     optax.scale_by_learning_rate(learning_rate),
   )

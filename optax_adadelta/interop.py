@@ -1,0 +1,241 @@
+"""Adadelta state to and from PyTorch's ``state_dict`` and Keras's optimizer variables.
+
+A run started in PyTorch or Keras continues here with the same next steps, and back:
+
+  opt_state = interop.from_torch(tx.init(params), torch_optimizer.state_dict())
+  torch_optimizer.load_state_dict(interop.to_torch(opt_state, torch_optimizer.state_dict()))
+  opt_state = interop.from_keras(tx.init(params), keras_optimizer)
+  interop.to_keras(opt_state, keras_optimizer)
+
+Parameters are matched by position: the leaves of the optax state, in ``jax.tree.leaves``
+order, against PyTorch's parameter indices (in ``param_groups`` order) or Keras's
+trainable variables (the order the optimizer was built with). Shapes must match exactly
+(a PyTorch ``Linear`` weight is (out, in), a Flax ``Dense`` kernel (in, out): transpose
+the parameters themselves first). PyTorch's per-parameter ``step`` and Keras's
+``iterations`` go to the step counters the optax state has (a learning-rate schedule's,
+the parameter EMA's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_adadelta._adadelta import ScaleByAdadeltaState
+from optax_adadelta.transforms import ParamsEmaState
+
+_COUNTED = (optax.ScaleByScheduleState, ParamsEmaState)
+
+
+def _is_adadelta(x: Any) -> bool:
+  return isinstance(x, ScaleByAdadeltaState)
+
+
+def _adadelta_state(opt_state: Any) -> ScaleByAdadeltaState:
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adadelta) if _is_adadelta(s)]
+  if len(found) != 1:
+    raise ValueError(
+      f"opt_state must hold exactly one ScaleByAdadeltaState, found {len(found)}; "
+      "pass the state of an optax_adadelta optimizer (adadelta() or a preset)"
+    )
+  return found[0]
+
+
+def _replace(opt_state: Any, e_g2: list, e_dx2: list, step: int | None, ema: list | None = None):
+  """A copy of opt_state with new Adadelta leaves, step counters and EMA."""
+
+  def swap(node):
+    if _is_adadelta(node):
+      treedef = jax.tree.structure(node.e_g2)
+      return ScaleByAdadeltaState(
+        jax.tree.unflatten(treedef, e_g2), jax.tree.unflatten(treedef, e_dx2)
+      )
+    if isinstance(node, ParamsEmaState) and step is not None:
+      average = node.ema if ema is None else jax.tree.unflatten(jax.tree.structure(node.ema), ema)
+      return ParamsEmaState(steps=jnp.asarray(step, jnp.int32), ema=average)
+    if isinstance(node, optax.ScaleByScheduleState) and step is not None:
+      return optax.ScaleByScheduleState(count=jnp.asarray(step, jnp.int32))
+    return node
+
+  return jax.tree.map(swap, opt_state, is_leaf=lambda x: _is_adadelta(x) or isinstance(x, _COUNTED))
+
+
+def _checked(values: list, like: list, source: str) -> list:
+  """values converted to the dtypes of `like`, after checking count and shapes."""
+  if len(values) != len(like):
+    raise ValueError(
+      f"{source} has state for {len(values)} parameters but the optax state has {len(like)} "
+      "leaves; build both optimizers on the same parameters, in the same order"
+    )
+  out = []
+  for i, (value, ref) in enumerate(zip(values, like, strict=True)):
+    value = np.asarray(value)
+    if value.shape != ref.shape:
+      raise ValueError(
+        f"parameter {i}: {source} has shape {value.shape} but the optax state has {ref.shape}"
+      )
+    if np.iscomplexobj(value) != jnp.iscomplexobj(ref):
+      raise TypeError(
+        f"parameter {i}: {source} has dtype {value.dtype}, the optax state {ref.dtype}"
+      )
+    out.append(jnp.asarray(value, ref.dtype))
+  return out
+
+
+def _step_count(opt_state: Any) -> int | None:
+  counted = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _COUNTED))
+    if isinstance(s, _COUNTED)
+  ]
+  if not counted:
+    return None
+  first = counted[0]
+  return int(first.steps if isinstance(first, ParamsEmaState) else first.count)
+
+
+def _to_numpy(x: Any) -> np.ndarray:
+  return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+# PyTorch ------------------------------------------------------------------------------
+
+
+def from_torch(opt_state: Any, state_dict: dict) -> Any:
+  """``opt_state`` with E[g²], E[Δx²] and the step taken from ``torch.optim.Adadelta``'s
+  ``state_dict()`` (``square_avg``, ``acc_delta``, ``step``)."""
+  if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
+    raise ValueError("state_dict must be torch.optim.Adadelta(...).state_dict()")
+  ours = _adadelta_state(opt_state)
+  like = jax.tree.leaves(ours.e_g2)
+  indices = [i for group in state_dict["param_groups"] for i in group["params"]]
+  if len(indices) != len(like):
+    raise ValueError(
+      f"the PyTorch optimizer has {len(indices)} parameters but the optax state has "
+      f"{len(like)} leaves; build both on the same parameters, in the same order"
+    )
+  per_param = [state_dict["state"].get(i, {}) for i in indices]
+  for i, state in zip(indices, per_param, strict=True):
+    missing = {"square_avg", "acc_delta", "step"} - set(state)
+    if state and missing:
+      raise ValueError(
+        f"PyTorch parameter {i} has no {sorted(missing)}: is this an Adadelta state?"
+      )
+  e_g2 = [
+    _to_numpy(s["square_avg"]) if s else np.zeros(r.shape, r.dtype)
+    for s, r in zip(per_param, like, strict=True)
+  ]
+  e_dx2 = [
+    _to_numpy(s["acc_delta"]) if s else np.zeros(r.shape, r.dtype)
+    for s, r in zip(per_param, like, strict=True)
+  ]
+  steps = {int(_to_numpy(s["step"])) for s in per_param if s}
+  if len(steps) > 1:
+    raise ValueError(f"PyTorch parameters have different step counts {sorted(steps)}")
+  return _replace(
+    opt_state,
+    _checked(e_g2, like, "the PyTorch state_dict"),
+    _checked(e_dx2, like, "the PyTorch state_dict"),
+    steps.pop() if steps else 0,
+  )
+
+
+def to_torch(opt_state: Any, template: dict, step: int | None = None) -> dict:
+  """A ``state_dict`` for ``torch.optim.Adadelta.load_state_dict``.
+
+  Args:
+    opt_state: the optax state.
+    template: the target optimizer's own ``state_dict()``; its ``param_groups``
+      (hyper-parameters and parameter indices) are kept.
+    step: the step count to record; by default the optax state's own counter, if it
+      has one (a learning-rate schedule or parameter EMA), else required.
+  """
+  import torch
+
+  ours = _adadelta_state(opt_state)
+  e_g2, e_dx2 = jax.tree.leaves(ours.e_g2), jax.tree.leaves(ours.e_dx2)
+  indices = [i for group in template["param_groups"] for i in group["params"]]
+  if len(indices) != len(e_g2):
+    raise ValueError(
+      f"the PyTorch optimizer has {len(indices)} parameters but the optax state has "
+      f"{len(e_g2)} leaves; build both on the same parameters, in the same order"
+    )
+  step = _step_count(opt_state) if step is None else step
+  if step is None:
+    raise ValueError("this optax state counts no steps: pass step=<number of steps taken>")
+  state = {
+    i: {
+      "step": torch.tensor(float(step)),
+      "square_avg": torch.from_numpy(np.array(a)),
+      "acc_delta": torch.from_numpy(np.array(b)),
+    }
+    for i, a, b in zip(indices, e_g2, e_dx2, strict=True)
+  }
+  return {"state": state, "param_groups": [dict(g) for g in template["param_groups"]]}
+
+
+# Keras --------------------------------------------------------------------------------
+
+
+def _keras_slots(optimizer: Any) -> dict[str, list]:
+  if not getattr(optimizer, "built", False):
+    raise ValueError("build the Keras optimizer first: optimizer.build(model.trainable_variables)")
+  if getattr(optimizer, "gradient_accumulation_steps", None):
+    raise ValueError(
+      "Keras gradient accumulators are not converted; save between accumulation cycles "
+      "with gradient_accumulation_steps=None"
+    )
+  return {
+    "e_g2": list(optimizer._accumulated_grads),
+    "e_dx2": list(optimizer._accumulated_delta_vars),
+    "ema": list(getattr(optimizer, "_model_variables_moving_average", None) or []),
+  }
+
+
+def from_keras(opt_state: Any, optimizer: Any) -> Any:
+  """``opt_state`` with the state of a built ``keras.optimizers.Adadelta``:
+  ``accumulated_grad``, ``accumulated_delta_var``, ``iterations`` and, with
+  ``use_ema``, the parameter averages."""
+  slots = _keras_slots(optimizer)
+  like = jax.tree.leaves(_adadelta_state(opt_state).e_g2)
+  convert = lambda variables: _checked(
+    [_to_numpy(v.value) for v in variables], like, "the Keras optimizer"
+  )
+  ema = convert(slots["ema"]) if slots["ema"] else None
+  return _replace(
+    opt_state,
+    convert(slots["e_g2"]),
+    convert(slots["e_dx2"]),
+    int(_to_numpy(optimizer.iterations)),
+    ema,
+  )
+
+
+def to_keras(opt_state: Any, optimizer: Any, step: int | None = None) -> None:
+  """Writes the optax state into a built ``keras.optimizers.Adadelta`` (in place).
+
+  ``iterations`` becomes ``step``, by default the optax state's own counter if it has one
+  (it matters to Keras for learning-rate schedules and the EMA).
+  """
+  slots = _keras_slots(optimizer)
+  ours = _adadelta_state(opt_state)
+  for name, values in (("e_g2", ours.e_g2), ("e_dx2", ours.e_dx2)):
+    leaves = jax.tree.leaves(values)
+    _checked([_to_numpy(v.value) for v in slots[name]], leaves, "the Keras optimizer")
+    for variable, value in zip(slots[name], leaves, strict=True):
+      variable.assign(np.asarray(value))
+  step = _step_count(opt_state) if step is None else step
+  if step is not None:
+    optimizer.iterations.assign(step)
+  averages = [
+    s
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEmaState))
+    if isinstance(s, ParamsEmaState)
+  ]
+  if slots["ema"] and averages:
+    for variable, value in zip(slots["ema"], jax.tree.leaves(averages[0].ema), strict=True):
+      variable.assign(np.asarray(value))

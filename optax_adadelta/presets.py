@@ -1,0 +1,203 @@
+"""One constructor per peer library, with the peer's own argument names and defaults.
+
+Each reproduces its peer step for step (tests/test_parity_*.py run the real library side
+by side); where the peers' order of floating-point operations differs, each preset follows
+its own peer's, so the trajectories agree to rounding. See docs/peers.md for the table of
+differences.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import jax.numpy as jnp
+import optax
+
+from optax_adadelta import _adadelta, _checks
+from optax_adadelta.transforms import clip_by_leaf_norm, params_ema
+
+GradientTransformation: TypeAlias = optax.GradientTransformationExtraArgs
+
+TFJS_CPU_EPSILON = 1e-7  # tfjs-core 4.22 backends/backend.js: EPSILON_FLOAT32
+
+
+def _paper_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
+  e_g2 = rho * e_g2 + one_minus_rho * (g * g)
+  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
+  return step, e_g2, rho * e_dx2 + one_minus_rho * (step * step)
+
+
+def _pytorch_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
+  # torch/optim/adadelta.py (2.13), _single_tensor_adadelta: mul_(rho).addcmul_(g, g, 1 - rho)
+  e_g2 = e_g2 * rho + one_minus_rho * g * g
+  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
+  return step, e_g2, e_dx2 * rho + one_minus_rho * step * step
+
+
+def _keras_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
+  # keras/src/optimizers/adadelta.py (3.15): -(rms(E[Δx²]) · g) / rms(E[g²])
+  e_g2 = rho * e_g2 + one_minus_rho * jnp.square(g)
+  step = (jnp.sqrt(e_dx2 + eps) * g) / jnp.sqrt(e_g2 + eps)
+  return step, e_g2, rho * e_dx2 + one_minus_rho * jnp.square(step)
+
+
+def _tfjs_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
+  # tfjs-core 4.22 optimizers/adadelta_optimizer.js: the step divides by the *previous*
+  # accumulatedGrad (the variable is assigned only after the step is computed).
+  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
+  e_g2 = e_g2 * rho + jnp.square(g) * one_minus_rho
+  return step, e_g2, e_dx2 * rho + jnp.square(step) * one_minus_rho
+
+
+def _tf1_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
+  # tensorflow/core/kernels/training_ops.cc, ApplyAdadelta: sqrt(E[Δx²]+ε) · rsqrt(E[g²]+ε) · g
+  e_g2 = e_g2 * rho + jnp.square(g) * one_minus_rho
+  step = jnp.sqrt(e_dx2 + eps) * jnp.reciprocal(jnp.sqrt(e_g2 + eps)) * g
+  return step, e_g2, e_dx2 * rho + jnp.square(step) * one_minus_rho
+
+
+def _plain(kernel, learning_rate, rho, eps, *, weight_decay=0.0, maximize=False):
+  core = _adadelta.scale_by_kernel(kernel, rho, eps, None)
+  return _adadelta.descend_with(core, learning_rate, weight_decay, None, False, maximize)
+
+
+def _check_common(learning_rate_name, learning_rate, rho, eps_name, eps):
+  _checks.check_learning_rate_like(learning_rate_name, learning_rate)
+  _checks.check_in_range("rho", rho, low=0.0, high=1.0, low_open=False)
+  _checks.check_in_range(eps_name, eps, low=0.0, high=None, low_open=True)
+
+
+def paper() -> GradientTransformation:
+  """Zeiler 2012, Algorithm 1: η = 1, ρ = 0.95, ε = 1e-6."""
+  return _adadelta.adadelta(learning_rate=1.0, rho=0.95, eps=1e-6)
+
+
+def pytorch(
+  lr: Any = 1.0, rho: Any = 0.9, eps: Any = 1e-6, weight_decay: Any = 0.0, maximize: bool = False
+) -> GradientTransformation:
+  """``torch.optim.Adadelta`` (torch 2.13, ``_single_tensor_adadelta``).
+
+  Coupled weight decay (``grad + weight_decay * param``), ``maximize`` negating the gradient
+  first, complex parameters as (real, imaginary) pairs. ``lr`` may be an optax schedule of
+  the step count (the equivalent of a ``torch.optim.lr_scheduler`` stepped once per step).
+  PyTorch also accepts ``eps=0``; this preset requires ``eps > 0`` (with 0 the first step
+  is 0 and nothing ever moves).
+  """
+  _check_common("lr", lr, rho, "eps", eps)
+  _checks.check_learning_rate_like("weight_decay", weight_decay)
+  _checks.check_flag("maximize", maximize)
+  return _plain(_pytorch_order, lr, rho, eps, weight_decay=weight_decay, maximize=maximize)
+
+
+def tfjs(
+  learning_rate: Any = 0.001, rho: Any = 0.95, epsilon: Any = None
+) -> GradientTransformation:
+  """``tf.train.adadelta`` of TensorFlow.js (tfjs-core 4.22) as it behaves.
+
+  It divides by √(E[g²]ₜ₋₁ + ε), the average *before* this step's gradient, so its
+  first step is exactly ``-learning_rate * g`` (the paper uses E[g²]ₜ). ``epsilon=None``
+  means the backend's epsilon, 1e-7 on the CPU backend.
+  """
+  epsilon = TFJS_CPU_EPSILON if epsilon is None else epsilon
+  _check_common("learning_rate", learning_rate, rho, "epsilon", epsilon)
+  return _plain(_tfjs_order, learning_rate, rho, epsilon)
+
+
+def tf1(learning_rate: Any = 0.001, rho: Any = 0.95, epsilon: Any = 1e-8) -> GradientTransformation:
+  """``tf.compat.v1.train.AdadeltaOptimizer`` / the ``ApplyAdadelta`` kernel (ε = 1e-8)."""
+  _check_common("learning_rate", learning_rate, rho, "epsilon", epsilon)
+  return _plain(_tf1_order, learning_rate, rho, epsilon)
+
+
+def d2l(rho: Any = 0.9, eps: Any = 1e-5) -> GradientTransformation:
+  """The from-scratch Adadelta of "Dive into Deep Learning" §12.9 (no learning rate)."""
+  _check_common("learning_rate", 1.0, rho, "eps", eps)
+  return _plain(_paper_order, 1.0, rho, eps)
+
+
+def keras(
+  learning_rate: Any = 0.001,
+  rho: float = 0.95,
+  epsilon: float = 1e-7,
+  weight_decay: float | None = None,
+  clipnorm: float | None = None,
+  clipvalue: float | None = None,
+  global_clipnorm: float | None = None,
+  use_ema: bool = False,
+  ema_momentum: float = 0.99,
+  ema_overwrite_frequency: int | None = None,
+  loss_scale_factor: float | None = None,
+  gradient_accumulation_steps: int | None = None,
+) -> GradientTransformation:
+  """``keras.optimizers.Adadelta`` (Keras 3.15), every keyword in Keras's order.
+
+  Per call, as ``BaseOptimizer.apply`` and the JAX backend's ``_backend_apply_gradients``:
+  gradients divided by ``loss_scale_factor``; with ``gradient_accumulation_steps`` = n,
+  averaged over n calls and applied on every n-th (``optax.MultiSteps``); clipped
+  (``clipnorm`` per tensor, ``global_clipnorm``, or ``clipvalue``); decoupled weight decay
+  x ← x − η·λ·x; the Adadelta step; then the parameter EMA (:func:`params_ema`) with
+  its overwrite. ``learning_rate`` is a float or an optax schedule, called like a Keras
+  ``LearningRateSchedule`` with the optimizer's raw iteration count. Finish with
+  :func:`optax_adadelta.finalize`. Invalid combinations raise Keras's errors.
+  """
+  if not (isinstance(learning_rate, float) or callable(learning_rate)):
+    raise ValueError(
+      "Argument `learning_rate` should be float, or an instance of LearningRateSchedule, or "
+      "a callable (that takes in the current iteration value and returns the corresponding "
+      f"learning rate value). Received instead: learning_rate={learning_rate}"
+    )
+  if gradient_accumulation_steps and not gradient_accumulation_steps >= 2:
+    raise ValueError(
+      "`gradient_accumulation_steps` must be an integer >= 2. Received: "
+      f"gradient_accumulation_steps={gradient_accumulation_steps}"
+    )
+  if use_ema:
+    if ema_momentum > 1 or ema_momentum < 0:
+      raise ValueError(
+        f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={ema_momentum}"
+      )
+    if ema_overwrite_frequency and (
+      not isinstance(ema_overwrite_frequency, int) or ema_overwrite_frequency < 1
+    ):
+      raise ValueError(
+        "`ema_overwrite_frequency` must be an integer >= 1 or None. Received: "
+        f"ema_overwrite_frequency={ema_overwrite_frequency}"
+      )
+  if sum(a is not None for a in (clipnorm, clipvalue, global_clipnorm)) > 1:
+    raise ValueError(
+      "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. Received: "
+      f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}"
+    )
+  _check_common("learning_rate", learning_rate, rho, "epsilon", epsilon)
+
+  steps = gradient_accumulation_steps or 1
+  if callable(learning_rate) and steps > 1:
+    schedule = learning_rate
+    # MultiSteps counts applied updates k = 0, 1, ...; Keras reads its raw count n·k + n − 1.
+    learning_rate = lambda count: schedule(count * steps + steps - 1)
+
+  clip: list[optax.GradientTransformation] = []
+  if clipnorm and clipnorm > 0:
+    clip = [clip_by_leaf_norm(clipnorm)]
+  elif global_clipnorm and global_clipnorm > 0:
+    clip = [optax.clip_by_global_norm(global_clipnorm)]
+  elif clipvalue and clipvalue > 0:
+    clip = [optax.clip(clipvalue)]
+  core = _adadelta.scale_by_kernel(_keras_order, rho, epsilon, None)
+  inner: optax.GradientTransformation = optax.chain(
+    *clip,
+    core,
+    *([optax.add_decayed_weights(weight_decay)] if weight_decay is not None else []),
+    optax.scale_by_learning_rate(learning_rate),
+  )
+  if steps > 1:
+    inner = optax.MultiSteps(inner, every_k_schedule=steps).gradient_transformation()
+  return optax.chain(
+    *([optax.scale(1.0 / loss_scale_factor)] if loss_scale_factor is not None else []),
+    inner,
+    *(
+      [params_ema(ema_momentum, ema_overwrite_frequency, accumulation_steps=steps)]
+      if use_ema
+      else []
+    ),
+  )

@@ -1,0 +1,192 @@
+"""State conversion to and from the real PyTorch and Keras optimizers.
+
+Each test trains k steps in one library, converts the state, continues in the other, and
+compares with continuing in the first library.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from optax_adadelta import interop, presets
+from tests import parity, parity_cases
+
+K, M = 12, 12  # steps before and after the hand-over
+CASE = parity_cases._case("interop", "torch", steps=K + M, seed=11)
+COMPLEX_CASE = parity_cases._case("interop-complex", "torch", steps=K + M, seed=12, complex=True)
+
+
+def _ours_continue(tx, opt_state, params, grads):
+  trajectory = []
+  for g in grads:
+    updates, opt_state = tx.update([jnp.asarray(x) for x in g], opt_state, params)
+    params = optax.apply_updates(params, updates)
+    trajectory.append([np.asarray(p) for p in params])
+  return trajectory, opt_state
+
+
+def _assert_close(ours, theirs):
+  error, where = parity.worst_relative_error({"params": ours}, {"params": theirs})
+  assert error <= 2e-6, f"relative error {error:.2e} in {where}"
+
+
+@pytest.fixture
+def torch():
+  parity.live_peer("torch")
+  import torch
+
+  return torch
+
+
+def _torch_run(torch, params0, grads, optimizer_state=None, **kwargs):
+  params = [torch.nn.Parameter(torch.from_numpy(np.array(p))) for p in params0]
+  optimizer = torch.optim.Adadelta(params, **kwargs)
+  if optimizer_state is not None:
+    optimizer.load_state_dict(optimizer_state)
+  trajectory = []
+  for g in grads:
+    for p, gi in zip(params, g, strict=True):
+      p.grad = torch.from_numpy(np.array(gi))
+    optimizer.step()
+    trajectory.append([p.detach().numpy().copy() for p in params])
+  return trajectory, optimizer
+
+
+@pytest.mark.parametrize("case", [CASE, COMPLEX_CASE], ids=["real", "complex"])
+def test_a_pytorch_run_continues_here(torch, case):
+  params0, grads = parity_cases.inputs(case)
+  full, _ = _torch_run(torch, params0, grads, rho=0.95, weight_decay=0.01)
+  first, optimizer = _torch_run(torch, params0, grads[:K], rho=0.95, weight_decay=0.01)
+
+  tx = presets.pytorch(rho=0.95, weight_decay=0.01)
+  params = [jnp.asarray(p) for p in first[-1]]
+  opt_state = interop.from_torch(tx.init(params), optimizer.state_dict())
+  rest, _ = _ours_continue(tx, opt_state, params, grads[K:])
+  _assert_close(rest, full[K:])
+
+
+def test_a_run_here_continues_in_pytorch_with_a_schedule(torch):
+  params0, grads = parity_cases.inputs(CASE)
+  schedule = lambda count: 0.9 * jnp.asarray(0.97, jnp.float32) ** count
+  tx = presets.pytorch(lr=schedule)
+  params = [jnp.asarray(p) for p in params0]
+  first, opt_state = _ours_continue(tx, tx.init(params), params, grads[:K])
+  rest_here, _ = _ours_continue(tx, opt_state, [jnp.asarray(p) for p in first[-1]], grads[K:])
+
+  torch_params = [torch.nn.Parameter(torch.from_numpy(np.array(p))) for p in first[-1]]
+  optimizer = torch.optim.Adadelta(torch_params, lr=0.9)
+  optimizer.load_state_dict(interop.to_torch(opt_state, optimizer.state_dict()))
+  assert int(optimizer.state_dict()["state"][0]["step"]) == K
+  rest_there = []
+  for t, g in enumerate(grads[K:]):
+    for group in optimizer.param_groups:
+      group["lr"] = 0.9 * 0.97 ** (K + t)
+    for p, gi in zip(torch_params, g, strict=True):
+      p.grad = torch.from_numpy(np.array(gi))
+    optimizer.step()
+    rest_there.append([p.detach().numpy().copy() for p in torch_params])
+  _assert_close(rest_here, rest_there)
+
+
+@pytest.fixture
+def keras():
+  parity.live_peer("keras")
+  import keras
+
+  return keras
+
+
+def _keras_run(keras, variables, grads, optimizer):
+  trajectory = []
+  for g in grads:
+    optimizer.apply([np.array(x) for x in g], variables)
+    trajectory.append([np.asarray(v.value) for v in variables])
+  return trajectory
+
+
+KERAS_SETTINGS = {"learning_rate": 1.0, "weight_decay": 0.02, "use_ema": True, "ema_momentum": 0.9}
+
+
+def test_a_keras_run_continues_here_with_its_ema(keras):
+  params0, grads = parity_cases.inputs(CASE)
+  variables = [keras.Variable(np.array(p)) for p in params0]
+  optimizer = keras.optimizers.Adadelta(**KERAS_SETTINGS)
+  first = _keras_run(keras, variables, grads[:K], optimizer)
+  clone, clone_variables = _copy_keras(keras, optimizer, first[-1])
+  rest_there = _keras_run(keras, clone_variables, grads[K:], clone)
+
+  tx = presets.keras(**KERAS_SETTINGS)
+  params = [jnp.asarray(p) for p in first[-1]]
+  opt_state = interop.from_keras(tx.init(params), optimizer)
+  rest_here, opt_state = _ours_continue(tx, opt_state, params, grads[K:])
+  _assert_close(rest_here, rest_there)
+  ema_there = [np.asarray(v.value) for v in clone._model_variables_moving_average]
+  _assert_close([np.asarray(x) for x in optax.tree.get(opt_state, "ema")], ema_there)
+
+
+def _copy_keras(keras, optimizer, values):
+  """A second Keras optimizer in the same state, on fresh variables holding `values`.
+
+  Continuing the original optimizer would move its state on; the test continues this one and
+  converts the untouched original.
+  """
+  variables = [keras.Variable(np.array(v)) for v in values]
+  clone = keras.optimizers.Adadelta(**KERAS_SETTINGS)
+  clone.build(variables)
+  clone.set_weights([np.asarray(v.value) for v in optimizer.variables])
+  return clone, variables
+
+
+def test_a_run_here_continues_in_keras(keras):
+  params0, grads = parity_cases.inputs(CASE)
+  tx = presets.keras(**KERAS_SETTINGS)
+  params = [jnp.asarray(p) for p in params0]
+  first, opt_state = _ours_continue(tx, tx.init(params), params, grads[:K])
+  rest_here, _ = _ours_continue(tx, opt_state, [jnp.asarray(p) for p in first[-1]], grads[K:])
+
+  variables = [keras.Variable(np.array(p)) for p in first[-1]]
+  optimizer = keras.optimizers.Adadelta(**KERAS_SETTINGS)
+  optimizer.build(variables)
+  interop.to_keras(opt_state, optimizer)
+  assert int(optimizer.iterations) == K
+  _assert_close(rest_here, _keras_run(keras, variables, grads[K:], optimizer))
+
+
+# Errors -------------------------------------------------------------------------------
+
+
+def test_from_torch_rejects_a_different_number_of_parameters(torch):
+  params0, grads = parity_cases.inputs(CASE)
+  _, optimizer = _torch_run(torch, params0[:1], [g[:1] for g in grads[:2]])
+  tx = presets.pytorch()
+  with pytest.raises(ValueError, match="1 parameters but the optax state has 2 leaves"):
+    interop.from_torch(tx.init([jnp.asarray(p) for p in params0]), optimizer.state_dict())
+
+
+def test_from_torch_rejects_a_shape_mismatch(torch):
+  params0, grads = parity_cases.inputs(CASE)
+  _, optimizer = _torch_run(torch, params0, grads[:2])
+  transposed = [jnp.asarray(params0[0]), jnp.asarray(params0[1]).T]
+  with pytest.raises(ValueError, match=r"parameter 1: the PyTorch state_dict has shape \(2, 3\)"):
+    interop.from_torch(presets.pytorch().init(transposed), optimizer.state_dict())
+
+
+def test_to_torch_needs_a_step_when_the_state_counts_none(torch):
+  params = [torch.nn.Parameter(torch.ones(2))]
+  optimizer = torch.optim.Adadelta(params)
+  opt_state = presets.pytorch().init([jnp.ones(2)])
+  with pytest.raises(ValueError, match="pass step="):
+    interop.to_torch(opt_state, optimizer.state_dict())
+
+
+def test_conversion_needs_an_adadelta_state():
+  with pytest.raises(ValueError, match="exactly one ScaleByAdadeltaState, found 0"):
+    interop.from_torch(optax.adam(1e-3).init([jnp.ones(2)]), {"state": {}, "param_groups": []})
+
+
+def test_from_keras_needs_a_built_optimizer(keras):
+  with pytest.raises(ValueError, match="build the Keras optimizer first"):
+    interop.from_keras(presets.keras().init([jnp.ones(2)]), keras.optimizers.Adadelta())
