@@ -13,6 +13,8 @@ _HINTS = {
   "eps": "it keeps the first step nonzero: with eps=0 Adadelta never moves",
   "learning_rate": "the paper uses 1.0",
   "weight_decay": "0 disables it",
+  "lr": "PyTorch's default is 1.0",
+  "epsilon": "it keeps the first step nonzero",
 }
 
 
@@ -46,7 +48,8 @@ def check_in_range(
   below_high = np.isfinite(values) if high is None else values <= high
   if not np.all(above_low & below_high):
     interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
-    raise ValueError(f"{name} must be finite and in {interval} ({_HINTS[name]}), got {value!r}")
+    hint = f" ({_HINTS[name]})" if name in _HINTS else ""
+    raise ValueError(f"{name} must be finite and in {interval}{hint}, got {value!r}")
 
 
 def check_learning_rate_like(name: str, value: Any) -> None:

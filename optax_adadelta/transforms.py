@@ -69,7 +69,7 @@ def params_ema(
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(optax.NO_PARAMS_MSG)
+      raise ValueError("params_ema needs the parameters: call update(updates, state, params)")
     iteration = state.steps // accumulation_steps
     new_params = optax.apply_updates(params, updates)
 
