@@ -6,6 +6,9 @@ os.environ["XLA_FLAGS"] = " ".join(
   [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
 ).strip()
 
+os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras parity tests run Keras on JAX
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import hypothesis
 
 hypothesis.settings.register_profile("default", deadline=None, max_examples=30, print_blob=True)

@@ -278,3 +278,16 @@ def test_keras_preset_state_keeps_its_dtypes_under_jit_and_scan():
 
   state, _ = jax.jit(lambda s: jax.lax.scan(step, s, jnp.ones((6, 3))))(tx.init(params))
   assert int(optax.tree.get(state, "steps")) == 6
+
+
+def test_optax_adadelta_with_its_default_learning_rate_ascends():
+  """The claim in the README's table: optax.adadelta() (learning_rate=None) moves *with*
+  the gradient, and needs params even without weight decay."""
+  tx = optax.adadelta()
+  params = jnp.zeros(1)
+  updates, _ = tx.update(jnp.ones(1), tx.init(params), params)
+  assert float(updates[0]) > 0
+  with pytest.raises(ValueError, match="params"):
+    tx.update(jnp.ones(1), tx.init(params))
+  ours, _ = presets.paper().update(jnp.ones(1), presets.paper().init(params))
+  assert float(ours[0]) < 0
