@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import jax
 import optax
+import pytest
+
+needs_eight_devices = pytest.mark.skipif(
+  jax.device_count() != 8,
+  reason=f"uses a 4 x 2 mesh; jax has {jax.device_count()} devices "
+  "(8 on CPU, as tests/conftest.py forces)",
+)
 
 
 def _placement(leaf) -> object:

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 import optax_adadelta
 from tests import linear_model, reference
-from tests.sharding_checks import assert_state_follows_params
+from tests.sharding_checks import assert_state_follows_params, needs_eight_devices
 
 NUM_STEPS = 8
 BATCH_SIZE = 32
@@ -168,6 +168,7 @@ def test_shard_map_step_with_optimizer_inside_matches_single_device(config_and_e
   _assert_matches(params, expected)
 
 
+@needs_eight_devices
 def test_vmapped_population_on_a_2d_mesh_matches_the_reference_per_member():
   """One model per ρ: members sharded over "population", each member's batch over "data"."""
   rhos = np.array([0.5, 0.8, 0.9, 0.95], np.float32)

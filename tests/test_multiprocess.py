@@ -105,7 +105,7 @@ def example():
 
 @pytest.fixture(scope="module")
 def single_device_params(example):
-  mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+  mesh = Mesh(np.array(jax.devices("cpu")[:1]), ("data",))  # the workers' platform
   params, _ = example.train(mesh, STEPS, BATCH_SIZE)
   return {name: np.asarray(value) for name, value in params.items()}
 

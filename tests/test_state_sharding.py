@@ -19,7 +19,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_adadelta
-from tests.sharding_checks import assert_state_follows_params
+from tests.sharding_checks import assert_state_follows_params, needs_eight_devices
+
+pytestmark = needs_eight_devices
 
 AXIS_TYPES = [AxisType.Auto, AxisType.Explicit]
 LAYOUTS = {  # parameter name -> spec on a ("data", "model") mesh of 4 x 2 devices
@@ -158,3 +160,19 @@ def test_collective_check_sees_the_all_reduce_of_a_global_norm_clip():
   with jax.set_mesh(mesh):
     hlo = _compiled_update_text(tx, _params(mesh, "2d"))
   assert "all-reduce" in COLLECTIVES.findall(hlo)
+
+
+def test_jitted_update_donates_every_state_buffer():
+  """E[g²] and E[Δx²] are separate buffers, so a donated state can be reused in place."""
+  tx = optax_adadelta.adadelta()
+  params = {"w": jnp.ones((64, 64)), "b": jnp.zeros(64)}
+  grads = jax.tree.map(jnp.ones_like, params)
+  opt_state = tx.init(params)
+  old_leaves = jax.tree.leaves(opt_state)
+  updates, new_state = jax.jit(tx.update, donate_argnums=1)(grads, opt_state)
+  assert all(leaf.is_deleted() for leaf in old_leaves)
+  expected, expected_state = tx.update(grads, tx.init(params))
+  for got, want in zip(
+    jax.tree.leaves((updates, new_state)), jax.tree.leaves((expected, expected_state)), strict=True
+  ):
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
