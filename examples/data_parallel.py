@@ -22,7 +22,12 @@ arguments; on Cloud TPU, SLURM, Open MPI or Kubernetes `--distributed` lets
 
   python examples/data_parallel.py --distributed
 
-Process 0 prints the loss and, with --out, saves the final parameters as .npz.
+Process 0 prints the loss and, with --out, saves the final parameters as .npz. With
+--save DIR every process writes its part of an orbax checkpoint of (params, opt_state, step);
+a later run with --resume DIR continues from it exactly (the [checkpoint] extra):
+
+  python examples/data_parallel.py --steps 8 --save /tmp/ckpt      # "interrupted" at step 8
+  python examples/data_parallel.py --steps 20 --resume /tmp/ckpt   # same result as --steps 20
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import optax_adadelta
 
 NUM_FEATURES = 8
 HIDDEN = 16
+HYPER_PARAMETERS = {"learning_rate": 1.0, "rho": 0.95, "eps": 1e-6}  # the paper's
 
 
 def init_params(seed: int = 0) -> dict[str, np.ndarray]:
@@ -75,10 +81,18 @@ def _process_rows(sharding: NamedSharding, global_shape: tuple[int, ...]) -> sli
 
 
 def train(
-  mesh: Mesh, num_steps: int, batch_size: int, tx: optax.GradientTransformation | None = None
+  mesh: Mesh,
+  num_steps: int,
+  batch_size: int,
+  *,
+  save: Path | None = None,
+  resume: Path | None = None,
 ) -> tuple[dict[str, jax.Array], list[float]]:
-  """Trains over the "data" axis of `mesh`; returns the replicated parameters and losses."""
-  tx = optax_adadelta.adadelta() if tx is None else tx
+  """Trains up to step `num_steps` over the "data" axis of `mesh`, optionally resuming
+  from a checkpoint and saving one at the end; returns the replicated parameters and the
+  losses of the steps run."""
+  tx = optax_adadelta.adadelta(**HYPER_PARAMETERS)
+  config = {**HYPER_PARAMETERS, "batch_size": batch_size}  # checked again on resume
   replicated = NamedSharding(mesh, P())
   batch = NamedSharding(mesh, P("data"))
 
@@ -89,15 +103,31 @@ def train(
     return optax.apply_updates(params, updates), opt_state, loss
 
   with jax.set_mesh(mesh):
-    params = jax.device_put(init_params(), replicated)
-    opt_state = tx.init(params)
+    if resume is None:
+      params = jax.device_put(init_params(), replicated)
+      opt_state, start = tx.init(params), 0
+    else:
+      from optax_adadelta import checkpoint  # needs the [checkpoint] extra
+
+      abstract_params = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated)
+        for k, v in init_params().items()
+      }
+      abstract_state = jax.eval_shape(tx.init, abstract_params)
+      params, opt_state, start = checkpoint.restore(
+        resume, abstract_params, abstract_state, config=config
+      )
     losses = []
-    for t in range(num_steps):
+    for t in range(start, num_steps):
       x, y = global_batch(t, batch_size)
       rows = _process_rows(batch, x.shape)
       x, y = (jax.make_array_from_process_local_data(batch, a[rows], a.shape) for a in (x, y))
       params, opt_state, loss = step(params, opt_state, x, y)
       losses.append(float(loss))
+    if save is not None:
+      from optax_adadelta import checkpoint
+
+      checkpoint.save(save, params, opt_state, step=max(start, num_steps), config=config)
   return params, losses
 
 
@@ -111,9 +141,11 @@ def main() -> None:
   parser.add_argument("--distributed", action="store_true", help="initialize from the cluster")
   parser.add_argument("--cpu-devices", type=int, help="CPU only: devices per process (gloo)")
   parser.add_argument("--init-timeout", type=int, default=60, help="seconds to wait for peers")
-  parser.add_argument("--steps", type=int, default=20)
+  parser.add_argument("--steps", type=int, default=20, help="train up to this step")
   parser.add_argument("--batch-size", type=int, default=32, help="global, over all devices")
   parser.add_argument("--out", type=Path, help="process 0 saves the final parameters here")
+  parser.add_argument("--save", type=Path, help="checkpoint directory to write at the end")
+  parser.add_argument("--resume", type=Path, help="checkpoint directory to start from")
   args = parser.parse_args()
 
   if args.cpu_devices is not None:
@@ -131,11 +163,12 @@ def main() -> None:
     jax.distributed.initialize(initialization_timeout=args.init_timeout)
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  params, losses = train(mesh, args.steps, args.batch_size)
+  params, losses = train(mesh, args.steps, args.batch_size, save=args.save, resume=args.resume)
   if jax.process_index() == 0:
     print(
       f"{jax.process_count()} processes x {jax.local_device_count()} {jax.default_backend()} "
-      f"devices: loss {losses[0]:.4f} -> {losses[-1]:.4f} after {args.steps} steps"
+      f"devices: {len(losses)} steps to step {args.steps}, loss "
+      + (f"{losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "not computed")
     )
     if args.out is not None:
       np.savez(args.out, **{k: np.asarray(v.addressable_data(0)) for k, v in params.items()})

@@ -3,7 +3,9 @@
 The test starts 2 and 4 copies of `examples/data_parallel.py`, each with 2 CPU devices and
 gloo collectives, coordinated over loopback on a port free at run time. Their final
 parameters (saved by process 0) must equal a single-process, single-device run of the same
-example in this process, up to the order of the gradient sums.
+example in this process, up to the order of the gradient sums. A 2-process run stopped
+halfway with an orbax checkpoint and resumed by 2 new processes must equal the
+uninterrupted 2-process run bit for bit.
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def run_workers(commands: list[list[str]], logs: Path, timeout_s: float = TIMEOU
       p.wait(timeout=30)
 
 
-def _worker_command(num_processes: int, process_id: int, port: int, out: Path) -> list[str]:
+def _worker_command(num_processes: int, process_id: int, port: int, *options: str) -> list[str]:
   return [
     sys.executable,
     str(EXAMPLE),
@@ -89,10 +91,39 @@ def _worker_command(num_processes: int, process_id: int, port: int, out: Path) -
     f"--num-processes={num_processes}",
     f"--process-id={process_id}",
     f"--cpu-devices={DEVICES_PER_PROCESS}",
-    f"--steps={STEPS}",
     f"--batch-size={BATCH_SIZE}",
-    f"--out={out}",
+    *options,
   ]
+
+
+def launch_example(num_processes: int, logs: Path, *options: str) -> str:
+  """Runs the example on `num_processes` processes; returns what process 0 printed."""
+  port = _free_port()
+  run_workers(
+    [_worker_command(num_processes, i, port, *options) for i in range(num_processes)], logs
+  )
+  return (logs / "0.out").read_text()
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as saved:
+    return dict(saved)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Final parameters of a full multi-process run, one launch per process count."""
+  runs: dict[int, dict[str, np.ndarray]] = {}
+
+  def get(num_processes: int) -> dict[str, np.ndarray]:
+    if num_processes not in runs:
+      logs = tmp_path_factory.mktemp(f"full{num_processes}")
+      printed = launch_example(num_processes, logs, f"--steps={STEPS}", f"--out={logs / 'p.npz'}")
+      assert f"{num_processes} processes x {DEVICES_PER_PROCESS} cpu devices" in printed, printed
+      runs[num_processes] = _load(logs / "p.npz")
+    return runs[num_processes]
+
+  return get
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +143,9 @@ def single_device_params(example):
 
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_processes_joined_by_jax_distributed_match_a_single_device_run(
-  num_processes, example, single_device_params, tmp_path
+  num_processes, example, single_device_params, uninterrupted
 ):
-  port = _free_port()
-  out = tmp_path / "params.npz"
-  run_workers(
-    [_worker_command(num_processes, i, port, out) for i in range(num_processes)], tmp_path
-  )
-  first = (tmp_path / "0.out").read_text()
-  assert f"{num_processes} processes x {DEVICES_PER_PROCESS} cpu devices" in first, first
-  with np.load(out, allow_pickle=False) as saved:
-    got = dict(saved)
+  got = uninterrupted(num_processes)
   assert sorted(got) == sorted(single_device_params)
   worst = max(float(np.max(np.abs(got[k] - single_device_params[k]))) for k in got)
   print(f"{num_processes} processes: max |multi-process - single device| = {worst:.3g}")
@@ -132,9 +155,28 @@ def test_processes_joined_by_jax_distributed_match_a_single_device_run(
   assert not np.allclose(got["w1"], example.init_params()["w1"], atol=1e-3)
 
 
+def test_processes_resumed_from_an_orbax_checkpoint_match_the_uninterrupted_run_bit_for_bit(
+  uninterrupted, tmp_path
+):
+  checkpoint_dir = tmp_path / "checkpoint"
+  launch_example(2, tmp_path / "first", f"--steps={STEPS // 2}", f"--save={checkpoint_dir}")
+  printed = launch_example(
+    2,
+    tmp_path / "second",
+    f"--steps={STEPS}",
+    f"--resume={checkpoint_dir}",
+    f"--out={tmp_path / 'p.npz'}",
+  )
+  assert f"{STEPS - STEPS // 2} steps to step {STEPS}" in printed, printed
+  got, want = _load(tmp_path / "p.npz"), uninterrupted(2)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
 def test_a_worker_that_dies_fails_the_run_fast_with_its_stderr(tmp_path):
   port = _free_port()
-  survivor = _worker_command(2, 0, port, tmp_path / "unused.npz")  # waits for its peer
+  survivor = _worker_command(2, 0, port)  # waits for its peer
   dying = [sys.executable, "-c", "raise SystemExit('worker 1 could not start: no data')"]
   # Reported as a death, not as the timeout the survivor (blocked on its peer) would reach.
   with pytest.raises(pytest.fail.Exception, match="worker 1 of 2 exited with code 1") as failure:
