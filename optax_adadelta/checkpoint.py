@@ -44,8 +44,8 @@ def _signature(tree: Any) -> dict[str, str]:
   """``{path: "float32[8,6]"}`` for every leaf (arrays, ShapeDtypeStructs or numbers)."""
 
   def describe(leaf: Any) -> str:
-    if isinstance(leaf, (int, np.integer)) and not hasattr(leaf, "shape"):
-      return "int"
+    if not hasattr(leaf, "dtype"):  # a Python number such as the step
+      return type(leaf).__name__
     dims = ",".join(str(d) for d in np.shape(leaf))
     return f"{np.dtype(leaf.dtype).name}[{dims}]"
 
