@@ -17,3 +17,16 @@ hypothesis.settings.register_profile(
   "ci", deadline=None, max_examples=30, derandomize=True, print_blob=True
 )
 hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "default")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `accelerator` skip, with the reason, when jax has only CPU devices."""
+  import jax
+  import pytest
+
+  backend = jax.default_backend()
+  if backend not in ("gpu", "tpu"):
+    skip = pytest.mark.skip(reason=f"needs a GPU or TPU; jax.default_backend() is {backend!r}")
+    for item in items:
+      if "accelerator" in item.keywords:
+        item.add_marker(skip)

@@ -1,0 +1,184 @@
+"""Real processes joined by `jax.distributed` train exactly like one device.
+
+The test starts 2 and 4 copies of `examples/data_parallel.py`, each with 2 CPU devices and
+gloo collectives, coordinated over loopback on a port free at run time. Their final
+parameters (saved by process 0) must equal a single-process, single-device run of the same
+example in this process, up to the order of the gradient sums. A 2-process run stopped
+halfway with an orbax checkpoint and resumed by 2 new processes must equal the
+uninterrupted 2-process run bit for bit.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
+DEVICES_PER_PROCESS = 2
+STEPS = 20
+BATCH_SIZE = 32
+TIMEOUT_S = 240  # the whole run, startup and compilation of every worker included
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _worker_env() -> dict[str, str]:
+  """This process's environment without its 8 forced host devices (workers pick their own)."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device" not in f]
+  env["XLA_FLAGS"] = " ".join(flags)
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+  return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def run_workers(commands: list[list[str]], logs: Path, timeout_s: float = TIMEOUT_S) -> None:
+  """Runs the commands together; fails fast with the stderr of the first that dies."""
+  logs.mkdir(parents=True, exist_ok=True)
+  procs = []
+  try:
+    for i, command in enumerate(commands):
+      with open(logs / f"{i}.out", "wb") as out, open(logs / f"{i}.err", "wb") as err:
+        procs.append(subprocess.Popen(command, stdout=out, stderr=err, env=_worker_env()))
+    deadline = time.monotonic() + timeout_s
+    while any(p.poll() is None for p in procs):
+      for i, p in enumerate(procs):
+        if p.poll() not in (None, 0):
+          pytest.fail(
+            f"worker {i} of {len(procs)} exited with code {p.returncode}; its stderr:\n"
+            + _tail(logs / f"{i}.err")
+          )
+      if time.monotonic() > deadline:
+        running = [i for i, p in enumerate(procs) if p.poll() is None]
+        pytest.fail(
+          f"workers {running} still running after {timeout_s} s; stderr of worker "
+          f"{running[0]}:\n" + _tail(logs / f"{running[0]}.err")
+        )
+      time.sleep(0.1)
+    for i, p in enumerate(procs):
+      assert p.returncode == 0, (
+        f"worker {i} exited with {p.returncode}:\n{_tail(logs / f'{i}.err')}"
+      )
+  finally:
+    for p in procs:  # never leave a worker behind, whatever failed
+      if p.poll() is None:
+        p.kill()
+      p.wait(timeout=30)
+
+
+def _worker_command(num_processes: int, process_id: int, port: int, *options: str) -> list[str]:
+  return [
+    sys.executable,
+    str(EXAMPLE),
+    f"--coordinator=127.0.0.1:{port}",
+    f"--num-processes={num_processes}",
+    f"--process-id={process_id}",
+    f"--cpu-devices={DEVICES_PER_PROCESS}",
+    f"--batch-size={BATCH_SIZE}",
+    *options,
+  ]
+
+
+def launch_example(num_processes: int, logs: Path, *options: str) -> str:
+  """Runs the example on `num_processes` processes; returns what process 0 printed."""
+  port = _free_port()
+  run_workers(
+    [_worker_command(num_processes, i, port, *options) for i in range(num_processes)], logs
+  )
+  return (logs / "0.out").read_text()
+
+
+def _load(path: Path) -> dict[str, np.ndarray]:
+  with np.load(path, allow_pickle=False) as saved:
+    return dict(saved)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """Final parameters of a full multi-process run, one launch per process count."""
+  runs: dict[int, dict[str, np.ndarray]] = {}
+
+  def get(num_processes: int) -> dict[str, np.ndarray]:
+    if num_processes not in runs:
+      logs = tmp_path_factory.mktemp(f"full{num_processes}")
+      printed = launch_example(num_processes, logs, f"--steps={STEPS}", f"--out={logs / 'p.npz'}")
+      assert f"{num_processes} processes x {DEVICES_PER_PROCESS} cpu devices" in printed, printed
+      runs[num_processes] = _load(logs / "p.npz")
+    return runs[num_processes]
+
+  return get
+
+
+@pytest.fixture(scope="module")
+def example():
+  spec = importlib.util.spec_from_file_location("data_parallel_example", EXAMPLE)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def single_device_params(example):
+  mesh = Mesh(np.array(jax.devices("cpu")[:1]), ("data",))  # the workers' platform
+  params, _ = example.train(mesh, STEPS, BATCH_SIZE)
+  return {name: np.asarray(value) for name, value in params.items()}
+
+
+@pytest.mark.parametrize("num_processes", [2, 4])
+def test_processes_joined_by_jax_distributed_match_a_single_device_run(
+  num_processes, example, single_device_params, uninterrupted
+):
+  got = uninterrupted(num_processes)
+  assert sorted(got) == sorted(single_device_params)
+  worst = max(float(np.max(np.abs(got[k] - single_device_params[k]))) for k in got)
+  print(f"{num_processes} processes: max |multi-process - single device| = {worst:.3g}")
+  for name, expected in single_device_params.items():
+    np.testing.assert_allclose(got[name], expected, rtol=2e-6, atol=1e-7, err_msg=name)
+  # The run moved: equal parameters are not just the unchanged initial ones.
+  assert not np.allclose(got["w1"], example.init_params()["w1"], atol=1e-3)
+
+
+def test_processes_resumed_from_an_orbax_checkpoint_match_the_uninterrupted_run_bit_for_bit(
+  uninterrupted, tmp_path
+):
+  checkpoint_dir = tmp_path / "checkpoint"
+  launch_example(2, tmp_path / "first", f"--steps={STEPS // 2}", f"--save={checkpoint_dir}")
+  printed = launch_example(
+    2,
+    tmp_path / "second",
+    f"--steps={STEPS}",
+    f"--resume={checkpoint_dir}",
+    f"--out={tmp_path / 'p.npz'}",
+  )
+  assert f"{STEPS - STEPS // 2} steps to step {STEPS}" in printed, printed
+  got, want = _load(tmp_path / "p.npz"), uninterrupted(2)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_worker_that_dies_fails_the_run_fast_with_its_stderr(tmp_path):
+  port = _free_port()
+  survivor = _worker_command(2, 0, port)  # waits for its peer
+  dying = [sys.executable, "-c", "raise SystemExit('worker 1 could not start: no data')"]
+  # Reported as a death, not as the timeout the survivor (blocked on its peer) would reach.
+  with pytest.raises(pytest.fail.Exception, match="worker 1 of 2 exited with code 1") as failure:
+    run_workers([survivor, dying], tmp_path, timeout_s=120)
+  assert "worker 1 could not start: no data" in str(failure.value)
