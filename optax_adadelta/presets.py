@@ -21,12 +21,6 @@ GradientTransformation: TypeAlias = optax.GradientTransformationExtraArgs
 TFJS_CPU_EPSILON = 1e-7  # tfjs-core 4.22 backends/backend.js: EPSILON_FLOAT32
 
 
-def _paper_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  e_g2 = rho * e_g2 + one_minus_rho * (g * g)
-  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
-  return step, e_g2, rho * e_dx2 + one_minus_rho * (step * step)
-
-
 def _pytorch_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
   # torch/optim/adadelta.py (2.13), _single_tensor_adadelta: mul_(rho).addcmul_(g, g, 1 - rho)
   e_g2 = e_g2 * rho + one_minus_rho * g * g
@@ -112,7 +106,7 @@ def tf1(learning_rate: Any = 0.001, rho: Any = 0.95, epsilon: Any = 1e-8) -> Gra
 def d2l(rho: Any = 0.9, eps: Any = 1e-5) -> GradientTransformation:
   """The from-scratch Adadelta of "Dive into Deep Learning" §12.9 (no learning rate)."""
   _check_common("learning_rate", 1.0, rho, "eps", eps)
-  return _plain(_paper_order, 1.0, rho, eps)
+  return _plain(_adadelta._adadelta_coordinates, 1.0, rho, eps)
 
 
 def keras(

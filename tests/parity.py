@@ -121,9 +121,7 @@ def load_golden(peer: str) -> dict:
 def live_peer(peer: str):
   """The peer's runner module, or a skip (a failure when OPTAX_ADADELTA_REQUIRE_PEERS=1)."""
   try:
-    module = importlib.import_module(f"tests.peers.{'torch' if peer == 'd2l' else peer}_peer")
-    if peer == "d2l":
-      module = importlib.import_module("tests.peers.d2l_peer")
+    module = importlib.import_module(f"tests.peers.{peer}_peer")
     if peer == "tfjs" and not module.available():
       raise ImportError("node or tests/peers/tfjs/node_modules missing (run npm ci there)")
   except ImportError as err:
