@@ -2,13 +2,22 @@
 
 from optax_adadelta import interop, presets
 from optax_adadelta._adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
-from optax_adadelta.transforms import ParamsEmaState, clip_by_leaf_norm, finalize, params_ema
+from optax_adadelta.transforms import (
+  AccumulateGradientsState,
+  ParamsEmaState,
+  accumulate_gradients,
+  clip_by_leaf_norm,
+  finalize,
+  params_ema,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "AccumulateGradientsState",
   "ParamsEmaState",
   "ScaleByAdadeltaState",
+  "accumulate_gradients",
   "adadelta",
   "clip_by_leaf_norm",
   "finalize",

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_adadelta import _adadelta, _checks
-from optax_adadelta.transforms import clip_by_leaf_norm, params_ema
+from optax_adadelta.transforms import accumulate_gradients, clip_by_leaf_norm, params_ema
 
 GradientTransformation: TypeAlias = optax.GradientTransformationExtraArgs
 
@@ -127,7 +127,8 @@ def keras(
 
   Per call, as ``BaseOptimizer.apply`` and the JAX backend's ``_backend_apply_gradients``:
   gradients divided by ``loss_scale_factor``; with ``gradient_accumulation_steps`` = n,
-  averaged over n calls and applied on every n-th (``optax.MultiSteps``); clipped
+  summed over n calls and their mean applied on every n-th (:func:`accumulate_gradients`);
+  clipped
   (``clipnorm`` per tensor, ``global_clipnorm``, or ``clipvalue``); decoupled weight decay
   x ← x − η·λ·x; the Adadelta step; then the parameter EMA (:func:`params_ema`) with
   its overwrite. ``learning_rate`` is a float or an optax schedule, called like a Keras
@@ -167,7 +168,7 @@ def keras(
   steps = gradient_accumulation_steps or 1
   if callable(learning_rate) and steps > 1:
     schedule = learning_rate
-    # MultiSteps counts applied updates k = 0, 1, ...; Keras reads its raw count n·k + n − 1.
+    # The inner schedule counts applied updates k = 0, 1, ...; Keras reads its raw n·k + n − 1.
     learning_rate = lambda count: schedule(count * steps + steps - 1)
 
   clip: list[optax.GradientTransformation] = []
@@ -185,7 +186,7 @@ def keras(
     optax.scale_by_learning_rate(learning_rate),
   )
   if steps > 1:
-    inner = optax.MultiSteps(inner, every_k_schedule=steps).gradient_transformation()
+    inner = accumulate_gradients(inner, steps)
   return optax.chain(
     *([optax.scale(1.0 / loss_scale_factor)] if loss_scale_factor is not None else []),
     inner,

@@ -133,3 +133,57 @@ def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
     return jax.tree.map(clip, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+class AccumulateGradientsState(NamedTuple):
+  """State of :func:`accumulate_gradients`.
+
+  Attributes:
+    calls: number of updates seen (int32).
+    grad_sum: the sum of the gradients since the inner optimizer last stepped.
+    inner: the inner optimizer's state.
+  """
+
+  calls: jax.Array
+  grad_sum: optax.Updates
+  inner: optax.OptState
+
+
+def accumulate_gradients(
+  inner: optax.GradientTransformation, every: int
+) -> optax.GradientTransformationExtraArgs:
+  r"""Steps ``inner`` on the mean of every ``every`` gradients; zero updates in between.
+
+  Keras 3's ``gradient_accumulation_steps``: the gradients are *summed*, and on every
+  ``every``-th call the inner optimizer gets :math:`(g_t + \sum g) / n`.
+  ``optax.MultiSteps`` does the same with a running mean, which rounds differently: when
+  the gradients nearly cancel the two differ by far more than float32's 1e-7 (the parity
+  tests saw 6e-6), so the Keras preset uses this one.
+  """
+  if not isinstance(every, int) or every < 1:
+    raise ValueError(f"every must be an int >= 1, got {every!r}")
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return AccumulateGradientsState(
+      calls=jnp.zeros([], jnp.int32),
+      grad_sum=jax.tree.map(jnp.zeros_like, params),
+      inner=inner.init(params),
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    total = jax.tree.map(jnp.add, updates, state.grad_sum)
+
+    def step(_):
+      mean = jax.tree.map(lambda g: g / every, total)
+      new_updates, new_inner = inner.update(mean, state.inner, params, **extra_args)
+      return new_updates, new_inner, jax.tree.map(jnp.zeros_like, total)
+
+    def accumulate(_):
+      return jax.tree.map(jnp.zeros_like, updates), state.inner, total
+
+    is_step = (state.calls + 1) % every == 0
+    new_updates, new_inner, grad_sum = jax.lax.cond(is_step, step, accumulate, None)
+    return new_updates, AccumulateGradientsState(state.calls + 1, grad_sum, new_inner)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

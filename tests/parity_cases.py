@@ -98,9 +98,8 @@ def inputs(case: Case) -> tuple[list[np.ndarray], list[list[np.ndarray]]]:
   def draw(shape, scale=1.0):
     x = rng.normal(size=shape) * scale
     if case["complex"]:
-      x = x + 1j * rng.normal(size=shape) * scale
-      return x.astype(np.complex64)
-    return x.astype(np.float32)
+      return np.asarray(x + 1j * rng.normal(size=shape) * scale, np.complex64)
+    return np.asarray(x, np.float32)
 
   params = [draw(s) for s in case["shapes"]]
   grads = [[draw(s, case["grad_scale"]) for s in case["shapes"]] for _ in range(case["steps"])]

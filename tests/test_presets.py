@@ -291,3 +291,27 @@ def test_optax_adadelta_with_its_default_learning_rate_ascends():
     tx.update(jnp.ones(1), tx.init(params))
   ours, _ = presets.paper().update(jnp.ones(1), presets.paper().init(params))
   assert float(ours[0]) < 0
+
+
+def test_accumulate_gradients_steps_sgd_on_the_sum_over_every_calls():
+  rng = np.random.default_rng(2)
+  grads = rng.normal(size=(9, 4)).astype(np.float32)
+  tx = optax_adadelta.accumulate_gradients(optax.sgd(0.5), every=3)
+  params = jnp.zeros(4)
+  state = tx.init(params)
+  seen = []
+  for g in grads:
+    updates, state = tx.update(jnp.asarray(g), state, params)
+    params = optax.apply_updates(params, updates)
+    seen.append(np.asarray(updates))
+  for t in range(9):
+    if (t + 1) % 3:
+      np.testing.assert_array_equal(seen[t], np.zeros(4))
+    else:
+      want = -0.5 * (grads[t] + (grads[t - 2] + grads[t - 1])) / 3
+      np.testing.assert_allclose(seen[t], want, rtol=1e-6)
+
+
+def test_accumulate_gradients_rejects_a_bad_count():
+  with pytest.raises(ValueError, match="every must be an int >= 1, got 0"):
+    optax_adadelta.accumulate_gradients(optax.sgd(0.1), every=0)
