@@ -97,7 +97,11 @@ def train(name: str, data: datasets.Images, args: argparse.Namespace) -> dict:
     label = f"{name:>8} epoch {epoch}/{args.epochs}"
     losses = []
     bar = tqdm(
-      total=num_batches, desc=label, unit="batch", disable=args.no_progress, leave=epoch == args.epochs
+      total=num_batches,
+      desc=label,
+      unit="batch",
+      disable=args.no_progress,
+      leave=epoch == args.epochs,
     )
     with bar:
       for part in batches:

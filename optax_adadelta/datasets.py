@@ -163,7 +163,8 @@ def _as_images(arrays: dict[str, np.ndarray], name: str) -> Images:
     out += [x.reshape(len(x), -1).astype(np.float32) / 255.0, y.astype(np.int32)]
   if out[0].shape[1] != out[2].shape[1]:
     raise DataError(f"{name}: train images are {out[0].shape[1]} pixels, test {out[2].shape[1]}")
-  return Images(*out, name=name)
+  x_train, y_train, x_test, y_test = out
+  return Images(x_train, y_train, x_test, y_test, name)
 
 
 def load_airfoil(directory: str | Path | None = None, rows: int = 1500) -> tuple[np.ndarray, ...]:

@@ -1,4 +1,4 @@
-"""The data loaders read MNIST in every accepted layout, and reject bad folders and files clearly."""
+"""The data loaders read MNIST in every accepted layout and reject bad folders and files."""
 
 import gzip
 import struct
@@ -96,7 +96,9 @@ def test_load_mnist_rejects_idx_shorter_than_its_header_says(tmp_path):
   write_idx(tmp_path, fake_mnist(np.random.default_rng(4)), gzipped=False)
   path = tmp_path / "t10k-images-idx3-ubyte"
   path.write_bytes(path.read_bytes()[:-1])
-  with pytest.raises(datasets.DataError, match=r"truncated or padded; header says shape \(5, 28, 28\)"):
+  with pytest.raises(
+    datasets.DataError, match=r"truncated or padded; header says shape \(5, 28, 28\)"
+  ):
     datasets.load_mnist(tmp_path)
 
 
@@ -130,7 +132,7 @@ def test_load_mnist_names_missing_npz_arrays_and_files(tmp_path):
   with pytest.raises(datasets.DataError, match=r"missing arrays \['x', 'y'\]"):
     datasets.load_mnist(tmp_path)
   np.savez(tmp_path / "mnist_train.npz", x=np.zeros((2, 28, 28), np.uint8), y=np.zeros(2))
-  with pytest.raises(datasets.DataError, match="mnist_test.npz: no such file"):
+  with pytest.raises(datasets.DataError, match=r"mnist_test\.npz: no such file"):
     datasets.load_mnist(tmp_path)
 
 
@@ -148,7 +150,7 @@ def test_load_digits_gives_the_embedded_uci_digits():
   np.testing.assert_array_equal(
     np.bincount(labels), [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
   )
-  assert 0 <= digits.x_train.min() and digits.x_train.max() == 1.0
+  assert digits.x_train.min() >= 0 and digits.x_train.max() == 1.0
 
 
 def test_data_dir_prefers_the_environment_variable(tmp_path, monkeypatch):
