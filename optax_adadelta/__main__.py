@@ -17,6 +17,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
 import optax_adadelta
 from optax_adadelta import datasets, mlp
@@ -77,11 +78,10 @@ def _chunk(num_batches: int, most: int = 50) -> int:
   return max(d for d in range(1, min(num_batches, most) + 1) if num_batches % d == 0)
 
 
-def train(name: str, data: datasets.Images, args: argparse.Namespace) -> dict:
+def train(
+  name: str, tx: optax.GradientTransformation, data: datasets.Images, args: argparse.Namespace
+) -> dict:
   """Trains one optimizer from the seed's initialisation; returns its history and time."""
-  from tqdm.auto import tqdm
-
-  tx = OPTIMIZERS[name](args.lr, args)
   key_init, key_order = jax.random.split(jax.random.key(args.seed))
   params = mlp.init(key_init, mlp.layer_sizes(data.x_train.shape[1]))
   opt_state = tx.init(params)
@@ -146,8 +146,10 @@ def plot(results: dict[str, dict], data_name: str, path: Path) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
   args = parse_args(argv)
   try:
+    # Invalid ρ or ε fail here, before any data is read.
+    transforms = {name: OPTIMIZERS[name](args.lr, args) for name in args.optimizers}
     data = datasets.load_mnist(args.data) if args.data else datasets.load_digits()
-  except datasets.DataError as error:
+  except (datasets.DataError, ValueError) as error:
     print(f"optax-adadelta: error: {error}", file=sys.stderr)
     return 2
   if args.epochs is None:
@@ -164,7 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     f"MLP {'-'.join(map(str, mlp.layer_sizes(data.x_train.shape[1])))} ({args.activation}), "
     f"batch {args.batch_size}, {args.epochs} epochs, on {jax.devices()[0].platform}"
   )
-  results = {name: train(name, data, args) for name in args.optimizers}
+  results = {name: train(name, tx, data, args) for name, tx in transforms.items()}
   print(results_table(results, args))
   if args.plot:
     plot(results, data.name, args.plot)

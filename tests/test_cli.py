@@ -59,6 +59,11 @@ def test_bad_arguments_are_rejected_with_the_allowed_values(argv, message, capsy
   assert message in capsys.readouterr().err
 
 
+def test_out_of_range_adadelta_hyperparameter_is_reported_before_training(capsys):
+  assert cli.main(["--rho", "1.5", "--no-progress"]) == 2
+  assert "rho must be finite and in [0, 1]" in capsys.readouterr().err
+
+
 def test_batch_larger_than_the_data_is_an_error(capsys):
   assert cli.main(["--batch-size", "5000", "--no-progress"]) == 2
   assert "--batch-size 5000 is larger than the 1437 training images" in capsys.readouterr().err
