@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ NUM_ROWS = 1500
 
 def load_airfoil() -> tuple[jax.Array, jax.Array]:
   try:
-    x, y = datasets.load_airfoil(rows=NUM_ROWS)
+    directory = datasets.data_dir(Path(__file__).resolve().parents[1])
+    x, y = datasets.load_airfoil(directory, rows=NUM_ROWS)
   except datasets.DataError as error:
     sys.exit(str(error))
   return jnp.asarray(x), jnp.asarray(y)

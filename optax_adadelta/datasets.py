@@ -47,11 +47,11 @@ def data_dir(root: str | Path | None = None) -> Path:
   """The shared data folder: `$OPTAX_ADADELTA_DATA`, else `shared/data` beside `root`.
 
   Args:
-    root: the repository root (default: the folder that holds this package's folder).
+    root: the repository root (default: the current directory).
   """
   if os.environ.get(ENV_VAR):
     return Path(os.environ[ENV_VAR])
-  root = Path(root) if root is not None else Path(__file__).resolve().parents[1]
+  root = Path(root) if root is not None else Path.cwd()
   return root.resolve().parent / "shared" / "data"
 
 
