@@ -11,40 +11,28 @@ repository. Run:  python examples/airfoil.py [--epochs 2] [--seed 0]
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_adadelta
+from optax_adadelta import datasets
 
 BATCH_SIZE = 10
 NUM_ROWS = 1500
 
 
-def data_dir() -> Path:
-  if "OPTAX_ADADELTA_DATA" in os.environ:
-    return Path(os.environ["OPTAX_ADADELTA_DATA"])
-  return Path(__file__).resolve().parents[1].parent / "shared" / "data"
-
-
-def load_airfoil(directory: Path) -> tuple[jax.Array, jax.Array]:
-  path = directory / "airfoil" / "airfoil_self_noise.dat"
-  if not path.is_file():
-    sys.exit(
-      f"airfoil data not found at {path}; set OPTAX_ADADELTA_DATA to the folder "
-      "that holds airfoil/airfoil_self_noise.dat"
-    )
-  data = np.genfromtxt(path, dtype=np.float32, delimiter="\t")
-  if data.ndim != 2 or data.shape[1] != 6 or not np.isfinite(data).all():
-    sys.exit(f"{path} is not the airfoil data (want 6 numeric tab-separated columns)")
-  data = (data - data.mean(axis=0)) / data.std(axis=0)
-  return jnp.asarray(data[:NUM_ROWS, :-1]), jnp.asarray(data[:NUM_ROWS, -1])
+def load_airfoil() -> tuple[jax.Array, jax.Array]:
+  try:
+    directory = datasets.data_dir(Path(__file__).resolve().parents[1])
+    x, y = datasets.load_airfoil(directory, rows=NUM_ROWS)
+  except datasets.DataError as error:
+    sys.exit(str(error))
+  return jnp.asarray(x), jnp.asarray(y)
 
 
 def loss_fn(params, x, y):
@@ -58,7 +46,7 @@ def main() -> None:
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
 
-  x, y = load_airfoil(data_dir())
+  x, y = load_airfoil()
   key_init, key_shuffle = jax.random.split(jax.random.key(args.seed))
   params = {"w": 0.01 * jax.random.normal(key_init, (x.shape[1],)), "b": jnp.zeros(())}
   tx = optax_adadelta.adadelta(rho=0.9, eps=1e-5)
