@@ -95,15 +95,25 @@ def make_steps(
   return steps
 
 
-def effective_learning_rates(opt_state: optax.OptState, eps: float | jax.Array) -> list[jax.Array]:
-  """Per layer, the mean over its weights of Adadelta's √(E[Δx²]+ε) / √(E[g²]+ε).
+def effective_learning_rates(
+  opt_state: optax.OptState,
+  eps: float | jax.Array,
+  quantiles: Sequence[float] = (0.1, 0.5, 0.9),
+) -> list[jax.Array]:
+  """Per layer, quantiles over its weights of Adadelta's √(E[Δx²]+ε) / √(E[g²]+ε).
 
   This is the paper's Figure 2 quantity (its step per unit gradient), read from the state
-  of `optax_adadelta.adadelta` applied to `Params`.
+  of `optax_adadelta.adadelta` applied to `Params`. Weights whose gradient has always been
+  exactly zero (E[g²] = 0, e.g. the first layer's weights from MNIST's always-blank border
+  pixels) are left out: their ratio is √ε/√ε = 1 by construction and says nothing about
+  training. Returns one array of `len(quantiles)` values per layer (NaN if no weight of the
+  layer has seen a gradient).
   """
   e_g2 = optax.tree.get(opt_state, "e_g2")
   e_dx2 = optax.tree.get(opt_state, "e_dx2")
-  return [
-    jnp.mean(jnp.sqrt(dx["w"] + eps) / jnp.sqrt(g["w"] + eps))
-    for g, dx in zip(e_g2, e_dx2, strict=True)
-  ]
+  q = jnp.asarray(quantiles)
+  rates = []
+  for g, dx in zip(e_g2, e_dx2, strict=True):
+    ratio = jnp.sqrt(dx["w"] + eps) / jnp.sqrt(g["w"] + eps)
+    rates.append(jnp.nanquantile(jnp.where(g["w"] > 0, ratio, jnp.nan), q))
+  return rates
