@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_adadelta import _checks
+from optax_adadelta import _checks, _native
 
 Scalar: TypeAlias = float | jax.Array
 ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
@@ -33,7 +33,7 @@ class ScaleByAdadeltaState(NamedTuple):
 def _adadelta_coordinates(g, e_g2, e_dx2, rho, one_minus_rho, eps):
   """Algorithm 1 of the paper on real arrays of one dtype, in one pass."""
   e_g2 = rho * e_g2 + one_minus_rho * (g * g)
-  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
+  step = g * jnp.sqrt((e_dx2 + eps) / (e_g2 + eps))  # _kernel.cc: the same operations
   e_dx2 = rho * e_dx2 + one_minus_rho * (step * step)
   return step, e_g2, e_dx2
 
@@ -52,6 +52,7 @@ def scale_by_adadelta(
   eps: Scalar = 1e-6,
   *,
   accumulator_dtype: Any = None,
+  implementation: str = "auto",
 ) -> optax.GradientTransformation:
   r"""Rescales gradients by Adadelta's ratio of running averages.
 
@@ -59,8 +60,8 @@ def scale_by_adadelta(
 
   .. math::
     E[g^2]_t &= \rho\, E[g^2]_{t-1} + (1 - \rho)\, g_t^2 \\
-    \Delta x_t &= \frac{\sqrt{E[\Delta x^2]_{t-1} + \epsilon}}
-                       {\sqrt{E[g^2]_t + \epsilon}}\, g_t \\
+    \Delta x_t &= g_t \sqrt{\frac{E[\Delta x^2]_{t-1} + \epsilon}
+                                 {E[g^2]_t + \epsilon}} \\
     E[\Delta x^2]_t &= \rho\, E[\Delta x^2]_{t-1} + (1 - \rho)\, \Delta x_t^2
 
   and the update returned is :math:`\Delta x_t` (positive, like every optax
@@ -73,6 +74,10 @@ def scale_by_adadelta(
   the state is stored in its own dtype, which never changes across updates,
   and the updates come back in the gradients' dtype.
 
+  On CPU, float32 and bfloat16 leaves are updated by a fused native loop
+  (built at install time, see ``implementation``) with bit-identical results;
+  elsewhere, and for other dtypes or traced ``rho``/``eps``, by XLA.
+
   Args:
     rho: decay rate of both running averages, in [0, 1]. A float, or a JAX
       array (traced values are accepted, e.g. under ``jax.vmap``).
@@ -80,6 +85,10 @@ def scale_by_adadelta(
     accumulator_dtype: real floating dtype of the state (for example
       ``jnp.float32`` for bfloat16 parameters). ``None`` keeps each
       parameter's dtype. Complex parameters get the matching complex dtype.
+    implementation: ``"auto"`` uses the native CPU kernel where it applies
+      (Python-number ``rho`` and ``eps``; float32 or bfloat16 leaves) and XLA
+      elsewhere; ``"jax"`` always XLA; ``"native"`` like auto, but raises if
+      the kernel was not built or ``rho``/``eps`` are traced.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
@@ -92,15 +101,33 @@ def scale_by_adadelta(
   _checks.check_in_range("rho", rho, low=0.0, high=1.0, low_open=False)
   _checks.check_in_range("eps", eps, low=0.0, high=None, low_open=True)
   accumulator_dtype = _checks.check_accumulator_dtype(accumulator_dtype)
-  return scale_by_kernel(_adadelta_coordinates, rho, eps, accumulator_dtype)
+  _checks.check_implementation(implementation)
+  native = None
+  if implementation != "jax":
+    native = _native_hyper(rho, eps, required=implementation == "native")
+  return scale_by_kernel(_adadelta_coordinates, rho, eps, accumulator_dtype, native)
 
 
-def scale_by_kernel(kernel, rho, eps, accumulator_dtype) -> optax.GradientTransformation:
+def _native_hyper(rho, eps, required: bool) -> _native.Hyper | None:
+  """(ρ, 1−ρ, ε) for the native kernel, or None to use XLA (an error if `required`)."""
+  reason = _native.unavailable_reason()
+  hyper = _native.static_hyper(rho, 1 - rho, eps)
+  if hyper is None and reason is None:
+    reason = "rho and eps must be Python numbers or concrete scalars, not traced arrays"
+  if required and reason is not None:
+    raise ValueError(f"implementation='native' is not possible here: {reason}")
+  return hyper if reason is None else None
+
+
+def scale_by_kernel(
+  kernel, rho, eps, accumulator_dtype, native: _native.Hyper | None = None
+) -> optax.GradientTransformation:
   """The Adadelta state and tree plumbing around a per-coordinate `kernel`.
 
   `kernel(g, e_g2, e_dx2, rho, one_minus_rho, eps)` returns `(step, e_g2, e_dx2)` for real
-  arrays of one dtype; presets pass their peer's order of operations. Arguments are
-  validated by the caller.
+  arrays of one dtype; presets pass their peer's order of operations. With `native` (the
+  hyper-parameters as floats), float32/bfloat16 leaves go through the native kernel, which
+  computes `_adadelta_coordinates`. Arguments are validated by the caller.
   """
   one_minus_rho = 1 - rho  # in Python double precision when rho is a float
 
@@ -120,6 +147,11 @@ def scale_by_kernel(kernel, rho, eps, accumulator_dtype) -> optax.GradientTransf
       return None, e_g2, e_dx2
     g = jnp.asarray(g)
     _checks.check_gradient_leaf(path, g, e_g2)
+    if native is not None and _native.supports(g, e_g2, e_dx2):
+      return _native.update(g, e_g2, e_dx2, native, by_xla)
+    return by_xla(g, e_g2, e_dx2)
+
+  def by_xla(g, e_g2, e_dx2):
     dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
     dtype = jnp.promote_types(dtype, jnp.float32)
     hyper = [jnp.asarray(h, dtype) for h in (rho, one_minus_rho, eps)]
@@ -177,6 +209,7 @@ def adadelta(
   decoupled_weight_decay: bool = False,
   maximize: bool = False,
   accumulator_dtype: Any = None,
+  implementation: str = "auto",
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adadelta optimizer: descends by :math:`\eta\, \Delta x_t`.
 
@@ -209,6 +242,8 @@ def adadelta(
     maximize: climb the objective instead of descending it.
     accumulator_dtype: real floating dtype of the Adadelta state; see
       :func:`scale_by_adadelta`.
+    implementation: ``"auto"``, ``"native"`` or ``"jax"``; see
+      :func:`scale_by_adadelta`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` (an ``optax.chain``).
@@ -218,7 +253,9 @@ def adadelta(
   _checks.check_flag("decoupled_weight_decay", decoupled_weight_decay)
   _checks.check_flag("maximize", maximize)
 
-  core = scale_by_adadelta(rho, eps, accumulator_dtype=accumulator_dtype)
+  core = scale_by_adadelta(
+    rho, eps, accumulator_dtype=accumulator_dtype, implementation=implementation
+  )
   return descend_with(
     core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay, maximize
   )

@@ -69,6 +69,15 @@ def check_flag(name: str, value: Any) -> None:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+IMPLEMENTATIONS = ("auto", "native", "jax")
+
+
+def check_implementation(value: Any) -> None:
+  if not isinstance(value, str) or value not in IMPLEMENTATIONS:
+    allowed = ", ".join(repr(i) for i in IMPLEMENTATIONS)
+    raise ValueError(f"implementation must be one of {allowed}, got {value!r}")
+
+
 def is_python_zero(value: Any) -> bool:
   return isinstance(value, (int, float)) and not isinstance(value, bool) and value == 0
 

@@ -50,6 +50,13 @@ def _tf1_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
   return step, e_g2, e_dx2 * rho + jnp.square(step) * one_minus_rho
 
 
+def _d2l_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
+  # d2l §12.9 listing: g = sqrt(delta + eps) / sqrt(s + eps) * grad
+  e_g2 = rho * e_g2 + one_minus_rho * (g * g)
+  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
+  return step, e_g2, rho * e_dx2 + one_minus_rho * (step * step)
+
+
 def _plain(kernel, learning_rate, rho, eps, *, weight_decay=0.0, maximize=False):
   core = _adadelta.scale_by_kernel(kernel, rho, eps, None)
   return _adadelta.descend_with(core, learning_rate, weight_decay, None, False, maximize)
@@ -106,7 +113,7 @@ def tf1(learning_rate: Any = 0.001, rho: Any = 0.95, epsilon: Any = 1e-8) -> Gra
 def d2l(rho: Any = 0.9, eps: Any = 1e-5) -> GradientTransformation:
   """The from-scratch Adadelta of "Dive into Deep Learning" §12.9 (no learning rate)."""
   _check_common("learning_rate", 1.0, rho, "eps", eps)
-  return _plain(_adadelta._adadelta_coordinates, 1.0, rho, eps)
+  return _plain(_d2l_order, 1.0, rho, eps)
 
 
 def keras(

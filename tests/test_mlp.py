@@ -17,7 +17,7 @@ def test_effective_learning_rates_skip_weights_that_never_saw_a_gradient():
   for _ in range(3):
     grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
     grads[0]["w"] = grads[0]["w"].at[:2].set(0.0)  # two always-blank inputs
-    updates, state = tx.update(grads, state)
+    _, state = tx.update(grads, state)
   rates = mlp.effective_learning_rates(state, eps, quantiles=(0.1, 0.5, 0.9))
 
   (inner,) = [s for s in state if hasattr(s, "e_g2")]

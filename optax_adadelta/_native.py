@@ -1,0 +1,168 @@
+"""The fused native CPU update (optax_adadelta/_kernel.cc), called through XLA's FFI.
+
+One loop over memory per leaf instead of XLA's several fused loops: it reads g, E[g²] and
+E[Δx²] once and writes Δx, E[g²] and E[Δx²] in place (input i aliases output i, so donated
+buffers are updated without copies). It computes exactly the operations of the pure-JAX
+kernel, in the same order, so results are bit-identical. The wrapper keeps every property
+of the transform:
+
+* other platforms (GPU, TPU) lower the pure-JAX kernel instead (`lax.platform_dependent`);
+* `jax.vmap`: the leaf's batch axis simply becomes part of the array (`custom_vmap`);
+* sharding: each device updates its own shard (`custom_partitioning`; no gathers);
+* differentiation: derivatives are those of the pure-JAX kernel (`custom_jvp`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+
+_TARGET = "optax_adadelta_update"
+# (gradient, state) dtypes. float32 gradients with bfloat16 state are left to XLA: there
+# XLA's fusion rounds Δx differently (1 ulp) from the one-loop kernel.
+_DTYPES = {
+  (np.dtype(np.float32), np.dtype(np.float32)),
+  (np.dtype(jnp.bfloat16), np.dtype(np.float32)),
+  (np.dtype(jnp.bfloat16), np.dtype(jnp.bfloat16)),
+}
+
+ALIASES = {0: 0, 1: 1, 2: 2}
+Hyper = tuple[float, float, float]  # rho, 1 - rho, eps as Python floats
+Leaf = tuple[jax.Array, jax.Array, jax.Array]
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+  """Why the native kernel cannot be used in this process, or None if it can."""
+  if os.environ.get("OPTAX_ADADELTA_NATIVE") == "0":
+    return "disabled by OPTAX_ADADELTA_NATIVE=0"
+  try:
+    from optax_adadelta import _kernel  # type: ignore[attr-defined]
+  except ImportError as error:
+    return f"the native kernel was not built when the package was installed ({error})"
+  jax.ffi.register_ffi_target(_TARGET, _kernel.adadelta_handler(), platform="cpu")
+  return None
+
+
+def is_available() -> bool:
+  """Whether `adadelta(implementation="auto")` can use the native CPU kernel here."""
+  return unavailable_reason() is None
+
+
+def static_hyper(rho, one_minus_rho, eps) -> Hyper | None:
+  """The hyper-parameters as Python floats, or None if any is traced or not a scalar."""
+  values = []
+  for value in (rho, one_minus_rho, eps):
+    if isinstance(value, jax.core.Tracer) or np.ndim(value) != 0:
+      return None
+    values.append(float(value))
+  return values[0], values[1], values[2]
+
+
+def supports(g: jax.Array, e_g2: jax.Array, e_dx2: jax.Array) -> bool:
+  """Whether the kernel handles this leaf: float32 or bfloat16, state at least as wide."""
+  return (g.dtype, e_g2.dtype) in _DTYPES and e_dx2.dtype == e_g2.dtype
+
+
+def update(g, e_g2, e_dx2, hyper: Hyper, reference: Callable[..., Leaf]) -> Leaf:
+  """(Δx, E[g²], E[Δx²]) for one leaf; `reference` is the pure-JAX kernel on the same dtypes."""
+
+  @jax.custom_jvp
+  def fused(g, e_g2, e_dx2):
+    return jax.lax.platform_dependent(
+      g,
+      e_g2,
+      e_dx2,
+      cpu=functools.partial(_batched, hyper=hyper, reference=reference),
+      default=reference,
+    )
+
+  @fused.defjvp
+  def fused_jvp(primals, tangents):
+    return jax.jvp(reference, primals, tangents)
+
+  return fused(g, e_g2, e_dx2)
+
+
+def _batched(g, e_g2, e_dx2, *, hyper: Hyper, reference: Callable[..., Leaf]) -> Leaf:
+  @jax.custom_batching.custom_vmap
+  def call(g, e_g2, e_dx2):
+    kernel = functools.partial(_ffi, hyper=hyper)
+    types = [jax.typeof(x) for x in (g, e_g2, e_dx2)]
+    if len({t.manual_axis_type for t in types}) > 1 or len({t.sharding.spec for t in types}) > 1:
+      return reference(g, e_g2, e_dx2)  # differently sharded leaves: let XLA reconcile them
+    if jax.sharding.get_abstract_mesh().manual_axes:
+      # Inside shard_map: these are this device's shards, and so are the results.
+      varying = tuple(sorted(types[0].manual_axis_type.varying))
+      results = kernel(g, e_g2, e_dx2)
+      return tuple(jax.lax.pcast(x, varying, to="varying") for x in results) if varying else results
+    sharding = types[0].sharding
+    if _explicitly_sharded(sharding):
+      # The shardings are part of the types here: run the kernel on each shard.
+      specs = (sharding.spec,) * 3
+      return jax.shard_map(kernel, mesh=sharding.mesh, in_specs=specs, out_specs=specs)(
+        g, e_g2, e_dx2
+      )
+    return _partitioned(g, e_g2, e_dx2, hyper)
+
+  @call.def_vmap
+  def call_vmap(axis_size, in_batched, g, e_g2, e_dx2):
+    # Element-wise: the batch axis (moved to the front) is one more array axis.
+    args = [
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, batched in zip((g, e_g2, e_dx2), in_batched, strict=True)
+    ]
+    return call(*args), (True, True, True)
+
+  return call(g, e_g2, e_dx2)
+
+
+def _explicitly_sharded(sharding) -> bool:
+  mesh = getattr(sharding, "mesh", None)
+  if mesh is None or mesh.empty:
+    return False
+  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def _ffi(g, e_g2, e_dx2, hyper: Hyper) -> Leaf:
+  rho, one_minus_rho, eps = hyper
+  outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (g, e_g2, e_dx2))
+  call = jax.ffi.ffi_call(_TARGET, outputs, input_output_aliases=ALIASES)
+  step, new_e_g2, new_e_dx2 = call(  # float32 attributes, as the pure-JAX kernel's constants
+    g,
+    e_g2,
+    e_dx2,
+    rho=np.float32(rho),
+    one_minus_rho=np.float32(one_minus_rho),
+    eps=np.float32(eps),
+  )
+  return step, new_e_g2, new_e_dx2
+
+
+@functools.partial(custom_partitioning, static_argnums=(3,))
+def _partitioned(g, e_g2, e_dx2, hyper: Hyper) -> Leaf:
+  return _ffi(g, e_g2, e_dx2, hyper)
+
+
+def _same_sharding(hyper, mesh, arg_shapes, result_shape):
+  del hyper, mesh, result_shape
+  sharding = arg_shapes[0].sharding
+  return (sharding, sharding, sharding)
+
+
+def _partition(hyper, mesh, arg_shapes, result_shape):
+  shardings = _same_sharding(hyper, mesh, arg_shapes, result_shape)
+  return mesh, functools.partial(_ffi, hyper=hyper), shardings, shardings
+
+
+_partitioned.def_partition(
+  partition=_partition,
+  infer_sharding_from_operands=_same_sharding,
+  sharding_rule="..., ..., ... -> ..., ..., ...",
+)
