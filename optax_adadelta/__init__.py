@@ -2,6 +2,7 @@
 
 from optax_adadelta import interop, presets
 from optax_adadelta._adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
+from optax_adadelta._native import is_available as native_available
 from optax_adadelta.transforms import (
   AccumulateGradientsState,
   ParamsEmaState,
@@ -22,6 +23,7 @@ __all__ = [
   "clip_by_leaf_norm",
   "finalize",
   "interop",
+  "native_available",
   "params_ema",
   "presets",
   "scale_by_adadelta",

@@ -32,7 +32,13 @@ _DTYPES = {
   (np.dtype(jnp.bfloat16), np.dtype(jnp.bfloat16)),
 }
 
-ALIASES = {0: 0, 1: 1, 2: 2}
+# Both averages are updated in place. Δx is written over the gradients when a leaf is large:
+# then no second gradient-sized buffer is allocated (a fresh large buffer costs more than the
+# whole update: its pages are faulted in on every step). Small leaves get a new buffer, which
+# is cheap, and saves XLA a copy of gradients that are not donated (benchmarks/explore.py).
+_ALIASES_LARGE = {0: 0, 1: 1, 2: 2}
+_ALIASES_SMALL = {1: 1, 2: 2}
+_LARGE = 1 << 18  # elements: 1 MiB in float32
 Hyper = tuple[float, float, float]  # rho, 1 - rho, eps as Python floats
 Leaf = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -51,7 +57,10 @@ def unavailable_reason() -> str | None:
 
 
 def is_available() -> bool:
-  """Whether `adadelta(implementation="auto")` can use the native CPU kernel here."""
+  """Whether `adadelta(implementation="auto")` can use the native CPU kernel here.
+
+  `adadelta(implementation="native")` raises with the reason when it cannot.
+  """
   return unavailable_reason() is None
 
 
@@ -133,7 +142,8 @@ def _explicitly_sharded(sharding) -> bool:
 def _ffi(g, e_g2, e_dx2, hyper: Hyper) -> Leaf:
   rho, one_minus_rho, eps = hyper
   outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (g, e_g2, e_dx2))
-  call = jax.ffi.ffi_call(_TARGET, outputs, input_output_aliases=ALIASES)
+  aliases = _ALIASES_LARGE if g.size >= _LARGE else _ALIASES_SMALL
+  call = jax.ffi.ffi_call(_TARGET, outputs, input_output_aliases=aliases)
   step, new_e_g2, new_e_dx2 = call(  # float32 attributes, as the pure-JAX kernel's constants
     g,
     e_g2,
