@@ -38,6 +38,7 @@ except ImportError:
   torch = None
 
 CASES = {"a": "one leaf", "b": "transformer-like tree", "c": "1,000 small leaves"}
+PAUSE_S = 0.005
 BASELINE, BANDWIDTH, NATIVE = "optax.adadelta", "bandwidth kernel", "native fused step"
 # The gradients have no output of their shape and dtype left to alias; donating them states
 # that they die in the step, as they do in training, so XLA's notice about it is noise here.
@@ -97,14 +98,16 @@ def _rss_growth_bytes(run) -> int | None:
 
   before = kib("VmRSS:")
   run()
-  return (kib("VmHWM:") - before) * 1024
+  return max(0, kib("VmHWM:") - before) * 1024
 
 
 def _make_contenders(shapes, dtype, library, on_cpu, notes):
   rng = np.random.default_rng(0)
   params = {k: rng.standard_normal(s, np.float32) for k, s in shapes.items()}
   grads = {k: rng.standard_normal(s, np.float32) for k, s in shapes.items()}
-  contenders = contenders_lib.jax_contenders(params, grads, dtype)
+  # On an accelerator XLA's bandwidth kernel is the reference; on a CPU the native one is.
+  xla_bandwidth = "bandwidth kernel (XLA)" if on_cpu else BANDWIDTH
+  contenders = contenders_lib.jax_contenders(params, grads, dtype, xla_bandwidth)
   if torch is not None and on_cpu:
     note = "bf16 state (follows params)" if dtype == "bf16" else ""
     for name, foreach in (("torch for-loop", False), ("torch foreach", True)):
@@ -114,8 +117,8 @@ def _make_contenders(shapes, dtype, library, on_cpu, notes):
     tree = contenders_lib.NativeTree(library, dtype, list(params.values()), list(grads.values()))
     contenders.append(contenders_lib.NativeContender(NATIVE, tree, "adadelta_step"))
     contenders.append(contenders_lib.NativeContender(BANDWIDTH, tree, "bandwidth"))
-  bytes_per_parameter = {"f32": 28, "bf16": 22}[dtype]
-  notes.add(f"native reference traffic: {bytes_per_parameter} bytes per parameter ({dtype})")
+    bytes_per_parameter = {"f32": 28, "bf16": 22}[dtype]
+    notes.add(f"native reference traffic: {bytes_per_parameter} bytes per parameter ({dtype})")
   return contenders, tree
 
 
@@ -137,11 +140,10 @@ def run_case(case, dtype, args, library, notes) -> dict:
   for contender in contenders:
     if contender.compile_seconds is not None:
       print(f"  compiled {contender.name} in {contender.compile_seconds:.1f} s", file=sys.stderr)
-  for contender in contenders:  # warm-up: the first calls compile, allocate and fault pages in
-    for _ in range(2):
-      contender.prepare()
-      contender.run()
-  for contender in contenders:
+  for contender in contenders:  # warm-up: the first call allocates the state and faults pages in
+    contender.prepare()
+    contender.run()
+  for contender in contenders:  # a second untimed step, for steady-state memory
     contender.prepare()
     growth = _rss_growth_bytes(contender.run) if on_cpu else None
     contender.memory["rss_growth_bytes"] = growth
@@ -153,6 +155,9 @@ def run_case(case, dtype, args, library, notes) -> dict:
     turn = repeat % len(contenders)
     for contender in contenders[turn:] + contenders[:turn]:
       contender.prepare()
+      # Lets the last contender's spinning worker threads (OpenMP, Eigen) go to sleep, so
+      # that none is charged for its predecessor's thread pool.
+      time.sleep(PAUSE_S)
       start = time.perf_counter()
       contender.run()
       times[contender.name].append(time.perf_counter() - start)
@@ -276,7 +281,7 @@ def bar_chart(machine: dict, sections: list[dict], path: Path) -> None:
       high.append(ref_ms / r["q1_ms"] - r[key])
     x = np.arange(len(sections)) + (i - (len(names) - 1) / 2) * width
     axes.bar(x, values, width, yerr=[low, high], capsize=2, label=name, color=f"C{i}")
-  axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+  axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label=f"{reference} (= 1)")
   axes.set_xticks(np.arange(len(sections)))
   axes.set_xticklabels(
     [f"({s['case']}) {s['dtype']}\n{s['parameters']:,} params" for s in sections]
