@@ -69,7 +69,8 @@ def experiment_alias(size: int, repeats: int) -> None:
       step = _train_step(tx, in_step)(batch)
       carry = (jax.tree.map(jnp.copy, params), tx.init(params))
       jax.block_until_ready(step(carry))  # traced now, with this aliasing
-      name = f"{'grads in step' if in_step else 'grads argument'}, Δx {'over g' if alias else 'new'}"
+      where = "over g" if alias else "new"
+      name = f"{'grads in step' if in_step else 'grads argument'}, Δx {where}"
       contenders[name] = (step, (jax.tree.map(jnp.copy, params), tx.init(params)))
   _native._LARGE = 1 << 18
   _report(

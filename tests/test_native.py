@@ -29,7 +29,7 @@ DTYPES = {  # parameter dtype, accumulator dtype
   "bf16_f32": (jnp.bfloat16, jnp.float32),
   "bf16": (jnp.bfloat16, None),
 }
-SHAPES = [(), (0,), (7,), (33, 5), (100_003,)]  # the last spans several threads' chunks
+SHAPES = [(), (0,), (7,), (33, 5), (300_007,)]  # the last: several chunks, Δx over g
 TARGET = "optax_adadelta_update"
 
 
