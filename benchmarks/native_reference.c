@@ -37,10 +37,17 @@ static inline uint16_t f32_to_bf16(float x) {
   return (uint16_t)(bits >> 16);
 }
 
+/* Below this many parameters a step takes microseconds, less than waking a second thread. */
+static int worth_threads(int64_t n_leaves, const int64_t *sizes) {
+  int64_t total = 0;
+  for (int64_t leaf = 0; leaf < n_leaves; ++leaf) total += sizes[leaf];
+  return total >= (1 << 16);
+}
+
 void adadelta_step_f32(int64_t n_leaves, const int64_t *sizes, float *const *p,
                        const float *const *g, float *const *e_g2, float *const *e_dx2,
                        float rho, float one_minus_rho, float eps, float lr) {
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(n_leaves, sizes))
   for (int64_t leaf = 0; leaf < n_leaves; ++leaf) {
     float *restrict pl = p[leaf], *restrict al = e_g2[leaf], *restrict bl = e_dx2[leaf];
     const float *restrict gl = g[leaf];
@@ -60,7 +67,7 @@ void bandwidth_f32(int64_t n_leaves, const int64_t *sizes, float *const *p,
                    const float *const *g, float *const *e_g2, float *const *e_dx2, float rho,
                    float one_minus_rho, float eps, float lr) {
   (void)eps;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(n_leaves, sizes))
   for (int64_t leaf = 0; leaf < n_leaves; ++leaf) {
     float *restrict pl = p[leaf], *restrict al = e_g2[leaf], *restrict bl = e_dx2[leaf];
     const float *restrict gl = g[leaf];
@@ -78,7 +85,7 @@ void bandwidth_f32(int64_t n_leaves, const int64_t *sizes, float *const *p,
 void adadelta_step_bf16(int64_t n_leaves, const int64_t *sizes, uint16_t *const *p,
                         const uint16_t *const *g, float *const *e_g2, float *const *e_dx2,
                         float rho, float one_minus_rho, float eps, float lr) {
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(n_leaves, sizes))
   for (int64_t leaf = 0; leaf < n_leaves; ++leaf) {
     uint16_t *restrict pl = p[leaf];
     float *restrict al = e_g2[leaf], *restrict bl = e_dx2[leaf];
@@ -100,7 +107,7 @@ void bandwidth_bf16(int64_t n_leaves, const int64_t *sizes, uint16_t *const *p,
                     float rho, float one_minus_rho, float eps, float lr) {
   (void)eps;
   (void)lr;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(n_leaves, sizes))
   for (int64_t leaf = 0; leaf < n_leaves; ++leaf) {
     uint16_t *restrict pl = p[leaf];
     float *restrict al = e_g2[leaf], *restrict bl = e_dx2[leaf];

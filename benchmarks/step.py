@@ -224,6 +224,8 @@ def markdown(machine: dict, sections: list[dict], args, notes: set[str]) -> str:
   lines = [
     "# One Adadelta training step (`python -m benchmarks.step"
     + (" --smoke" if args.smoke else "")
+    + (f" --cases {args.cases}" if args.cases != "a,b,c" else "")
+    + (f" --dtypes {args.dtypes}" if args.dtypes != "f32,bf16" else "")
     + f" --repeats {args.repeats}`)",
     "",
     f"- Machine: {machine['cpu']}, {machine['cores']} cores, backend {machine['backend']}"
