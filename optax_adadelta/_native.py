@@ -51,6 +51,11 @@ def unavailable_reason() -> str | None:
   try:
     from optax_adadelta import _kernel  # type: ignore[attr-defined]
   except ImportError as error:
+    if os.path.exists(os.path.join(os.path.dirname(__file__), "_kernel.cc")):
+      return (
+        f"the native kernel is not built in this source tree ({error}); "
+        "`pip install -e .` builds it in place"
+      )
     return f"the native kernel was not built when the package was installed ({error})"
   jax.ffi.register_ffi_target(_TARGET, _kernel.adadelta_handler(), platform="cpu")
   return None
