@@ -142,14 +142,25 @@ def scale_by_kernel(
       e_dx2=jax.tree_util.tree_map_with_path(zeros, params),
     )
 
-  def update_leaf(path, g, e_g2, e_dx2):
-    if g is None:
-      return None, e_g2, e_dx2
-    g = jnp.asarray(g)
-    _checks.check_gradient_leaf(path, g, e_g2)
-    if native is not None and _native.supports(g, e_g2, e_dx2):
-      return _native.update(g, e_g2, e_dx2, native, by_xla)
-    return by_xla(g, e_g2, e_dx2)
+  def update_leaves(paths, grads, e_g2, e_dx2):
+    results: list = [None] * len(grads)
+    by_kernel = []
+    for i, (path, g, a, b) in enumerate(zip(paths, grads, e_g2, e_dx2, strict=True)):
+      if g is None:
+        results[i] = (None, a, b)
+        continue
+      g = jnp.asarray(g)
+      _checks.check_gradient_leaf(path, g, a)
+      if native is not None and _native.supports(g, a, b):
+        by_kernel.append((i, (g, a, b)))
+      else:
+        results[i] = by_xla(g, a, b)
+    if by_kernel and native is not None:
+      indices, leaves = zip(*by_kernel, strict=True)
+      updated = _native.update_leaves(list(leaves), native, by_xla)
+      for i, result in zip(indices, updated, strict=True):
+        results[i] = result
+    return results
 
   def by_xla(g, e_g2, e_dx2):
     dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
@@ -171,7 +182,7 @@ def scale_by_kernel(
     paths, grads, treedef = _checks.flatten_gradients(updates)
     e_g2 = _checks.leaves_like_state(treedef, state.e_g2, "e_g2")
     e_dx2 = _checks.leaves_like_state(treedef, state.e_dx2, "e_dx2")
-    results = [update_leaf(*leaf) for leaf in zip(paths, grads, e_g2, e_dx2, strict=True)]
+    results = update_leaves(paths, grads, e_g2, e_dx2)
     steps, new_e_g2, new_e_dx2 = (
       (jax.tree.unflatten(treedef, column) for column in zip(*results, strict=True))
       if results

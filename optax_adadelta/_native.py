@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
 
 _TARGET = "optax_adadelta_update"
+_GROUP_TARGET = "optax_adadelta_update_group"
 # (gradient, state) dtypes. float32 gradients with bfloat16 state are left to XLA: there
 # XLA's fusion rounds Δx differently (1 ulp) from the one-loop kernel.
 _DTYPES = {
@@ -58,6 +59,7 @@ def unavailable_reason() -> str | None:
       )
     return f"the native kernel was not built when the package was installed ({error})"
   jax.ffi.register_ffi_target(_TARGET, _kernel.adadelta_handler(), platform="cpu")
+  jax.ffi.register_ffi_target(_GROUP_TARGET, _kernel.adadelta_group_handler(), platform="cpu")
   return None
 
 
@@ -82,6 +84,28 @@ def static_hyper(rho, one_minus_rho, eps) -> Hyper | None:
 def supports(g: jax.Array, e_g2: jax.Array, e_dx2: jax.Array) -> bool:
   """Whether the kernel handles this leaf: float32 or bfloat16, state at least as wide."""
   return (g.dtype, e_g2.dtype) in _DTYPES and e_dx2.dtype == e_g2.dtype
+
+
+def update_leaves(leaves: list[Leaf], hyper: Hyper, reference: Callable[..., Leaf]) -> list[Leaf]:
+  """`update` for every (g, E[g²], E[Δx²]) in `leaves`; small leaves share one kernel call.
+
+  A kernel call costs XLA about 20 µs however small the leaf (benchmarks/explore.py, E2):
+  a model with a thousand biases and norms would spend most of its step calling. Leaves
+  below `_LARGE` elements (and not scalars) go through one call together; large leaves and
+  scalars get a call each.
+  """
+  small = [i for i, (g, _, _) in enumerate(leaves) if g.ndim > 0 and g.size < _LARGE]
+  if len(small) < 2:
+    small = []
+  results: list[Leaf | None] = [None] * len(leaves)
+  if small:
+    grouped = _update_group([leaves[i] for i in small], hyper, reference)
+    for i, result in zip(small, grouped, strict=True):
+      results[i] = result
+  for i, leaf in enumerate(leaves):
+    if results[i] is None:
+      results[i] = update(*leaf, hyper, reference)
+  return results  # type: ignore[return-value]
 
 
 def update(g, e_g2, e_dx2, hyper: Hyper, reference: Callable[..., Leaf]) -> Leaf:
@@ -137,6 +161,51 @@ def _batched(g, e_g2, e_dx2, *, hyper: Hyper, reference: Callable[..., Leaf]) ->
   return call(g, e_g2, e_dx2)
 
 
+def _update_group(leaves: list[Leaf], hyper: Hyper, reference: Callable[..., Leaf]) -> list[Leaf]:
+  """`update` on many leaves through one kernel call (same wrapping, flattened arguments)."""
+
+  def reference_all(*flat):
+    return tuple(x for i in range(0, len(flat), 3) for x in reference(*flat[i : i + 3]))
+
+  @jax.custom_jvp
+  def fused(*flat):
+    return jax.lax.platform_dependent(
+      *flat,
+      cpu=functools.partial(_batched_group, hyper=hyper, reference=reference),
+      default=reference_all,
+    )
+
+  @fused.defjvp
+  def fused_jvp(primals, tangents):
+    return jax.jvp(reference_all, primals, tangents)
+
+  flat = fused(*(x for leaf in leaves for x in leaf))
+  return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
+
+
+def _batched_group(*flat, hyper: Hyper, reference: Callable[..., Leaf]) -> tuple[jax.Array, ...]:
+  @jax.custom_batching.custom_vmap
+  def call(*flat):
+    types = [jax.typeof(x) for x in flat]
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.manual_axes or any(_explicitly_sharded(t.sharding) for t in types):
+      # Inside shard_map, or shardings in the types: each leaf on its own, as `update` does.
+      leaves = [flat[i : i + 3] for i in range(0, len(flat), 3)]
+      return tuple(x for leaf in leaves for x in _batched(*leaf, hyper=hyper, reference=reference))
+    ranks = tuple(x.ndim for x in flat[::3])
+    return tuple(_partitioned_group(ranks)(hyper, *flat))
+
+  @call.def_vmap
+  def call_vmap(axis_size, in_batched, *flat):
+    args = [
+      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+      for x, batched in zip(flat, in_batched, strict=True)
+    ]
+    return call(*args), (True,) * len(args)
+
+  return call(*flat)
+
+
 def _explicitly_sharded(sharding) -> bool:
   mesh = getattr(sharding, "mesh", None)
   if mesh is None or mesh.empty:
@@ -158,6 +227,48 @@ def _ffi(g, e_g2, e_dx2, hyper: Hyper) -> Leaf:
     eps=np.float32(eps),
   )
   return step, new_e_g2, new_e_dx2
+
+
+def _ffi_group(*flat, hyper: Hyper) -> tuple[jax.Array, ...]:
+  rho, one_minus_rho, eps = hyper
+  outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat)
+  aliases = {i: i for i in range(len(flat)) if i % 3}  # both averages in place, Δx new
+  call = jax.ffi.ffi_call(_GROUP_TARGET, outputs, input_output_aliases=aliases)
+  return tuple(
+    call(*flat, rho=np.float32(rho), one_minus_rho=np.float32(one_minus_rho), eps=np.float32(eps))
+  )
+
+
+@functools.cache
+def _partitioned_group(ranks: tuple[int, ...]):
+  """The group call for leaves of these ranks: each device updates its own shards.
+
+  Leaf i's three arguments and three results all take the sharding of its gradient.
+  """
+
+  @functools.partial(custom_partitioning, static_argnums=(0,))
+  def group(hyper: Hyper, *flat):
+    return _ffi_group(*flat, hyper=hyper)
+
+  def shardings(arg_shapes):
+    return tuple(arg_shapes[i - i % 3].sharding for i in range(len(arg_shapes)))
+
+  def infer(hyper, mesh, arg_shapes, result_shape):
+    del hyper, mesh, result_shape
+    return shardings(arg_shapes)
+
+  def partition(hyper, mesh, arg_shapes, result_shape):
+    del result_shape
+    both = shardings(arg_shapes)
+    return mesh, functools.partial(_ffi_group, hyper=hyper), both, both
+
+  # Shardy: every dimension its own factor, shared by a leaf's six arrays only.
+  operands = [" ".join(f"l{i}d{k}" for k in range(rank)) for i, rank in enumerate(ranks)]
+  sides = ", ".join(op for op in operands for _ in range(3))
+  group.def_partition(
+    partition=partition, infer_sharding_from_operands=infer, sharding_rule=f"{sides} -> {sides}"
+  )
+  return group
 
 
 @functools.partial(custom_partitioning, static_argnums=(3,))

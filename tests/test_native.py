@@ -31,6 +31,7 @@ DTYPES = {  # parameter dtype, accumulator dtype
 }
 SHAPES = [(), (0,), (7,), (33, 5), (300_007,)]  # the last: several chunks, Δx over g
 TARGET = "optax_adadelta_update"
+GROUP_TARGET = "optax_adadelta_update_group"  # many small leaves in one call
 
 
 def _random_tree(rng, shape, dtype, spread=True):
@@ -55,7 +56,8 @@ def _updates(implementation, params, grads_per_step, dtype_case, **hyper):
 def _assert_same_bits(got, want):
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+    as_numpy = np.complex64 if jnp.iscomplexobj(x) else np.float32
+    np.testing.assert_array_equal(np.asarray(x, as_numpy), np.asarray(y, as_numpy))
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -114,10 +116,67 @@ def _compiled_text(tx, params):
   return jax.jit(tx.update).lower(params, state, params).compile().as_text()
 
 
+def _kernel_calls(text):
+  return text.count(f'"{TARGET}"'), text.count(f'"{GROUP_TARGET}"')
+
+
 def test_auto_uses_the_kernel_on_cpu_and_jax_does_not():
   params = {"w": jnp.ones((8, 8)), "b": jnp.ones(8, jnp.bfloat16)}
-  assert _compiled_text(optax_adadelta.adadelta(), params).count(f'"{TARGET}"') == 2
-  assert TARGET not in _compiled_text(optax_adadelta.adadelta(implementation="jax"), params)
+  assert _kernel_calls(_compiled_text(optax_adadelta.adadelta(), params)) == (0, 1)
+  assert _kernel_calls(_compiled_text(optax_adadelta.adadelta(implementation="jax"), params)) == (
+    0,
+    0,
+  )
+
+
+def _mixed_tree(rng, dtype_case):
+  """Small leaves of several shapes (one empty), a large one, a scalar and XLA-only leaves."""
+  dtype = DTYPES[dtype_case][0]
+  tree = {
+    f"small{i}": _random_tree(rng, shape, dtype)["w"]
+    for i, shape in enumerate([(7,), (33, 5), (0,), (1,), (4, 3, 2), (40_000,), (70_001,)])
+  }
+  tree["large"] = _random_tree(rng, (300_007,), dtype)["w"]
+  tree["scalar"] = _random_tree(rng, (), dtype)["w"]
+  tree["complex"] = jnp.asarray(rng.normal(size=5) + 1j * rng.normal(size=5), jnp.complex64)
+  tree["half"] = jnp.asarray(rng.normal(size=6), jnp.float16)
+  return tree
+
+
+def test_small_leaves_share_one_kernel_call_and_large_ones_get_their_own():
+  params = _mixed_tree(np.random.default_rng(3), "f32")
+  # One call for the seven small leaves; one each for the large leaf and the scalar.
+  assert _kernel_calls(_compiled_text(optax_adadelta.adadelta(), params)) == (2, 1)
+  one_small = {"w": params["small0"], "large": params["large"]}
+  assert _kernel_calls(_compiled_text(optax_adadelta.adadelta(), one_small)) == (2, 0)
+
+
+@pytest.mark.parametrize("dtype_case", sorted(DTYPES))
+def test_tree_of_many_leaves_is_bit_identical_to_xla(dtype_case):
+  rng = np.random.default_rng(4)
+  params = _mixed_tree(rng, dtype_case)
+  grads = [_mixed_tree(rng, dtype_case) for _ in range(4)]
+  native = _updates("native", params, grads, dtype_case, rho=0.9, eps=1e-6)
+  xla = _updates("jax", params, grads, dtype_case, rho=0.9, eps=1e-6)
+  _assert_same_bits(native, xla)
+
+
+def test_a_thousand_leaves_in_one_call_follow_the_float64_reference():
+  rng = np.random.default_rng(5)
+  sizes = rng.integers(1, 300, size=1000)
+  params = [rng.normal(size=n).astype(np.float32) for n in sizes]
+  grads = [[rng.normal(size=n).astype(np.float32) for n in sizes] for _ in range(3)]
+  want = reference.run(params, grads, rho=0.95, eps=1e-6)
+  tx = optax_adadelta.adadelta(implementation="native")
+  step_fn = jax.jit(lambda x, s, g: (lambda u, s: (optax.apply_updates(x, u), s))(*tx.update(g, s)))
+  assert _kernel_calls(step_fn.lower(params, tx.init(params), params).compile().as_text()) == (0, 1)
+  x, state = [jnp.asarray(p) for p in params], tx.init(params)
+  for g in grads:
+    x, state = step_fn(x, state, [jnp.asarray(gi) for gi in g])
+  for got, expected in zip(x, want.params, strict=True):
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
+  for got, expected in zip(state[0].e_dx2, want.e_dx2, strict=True):
+    np.testing.assert_allclose(got, expected, rtol=2e-6)
 
 
 def test_leaves_the_kernel_does_not_handle_go_through_xla():
@@ -158,18 +217,21 @@ def test_unknown_implementation_is_refused_with_the_choices():
 def test_vmap_over_a_population_equals_each_member(in_axes):
   rng = np.random.default_rng(2)
   tx = optax_adadelta.adadelta(rho=0.9)
-  grads = {"w": jnp.asarray(rng.normal(size=(5, 300)), jnp.float32)}
-  one_state = tx.init({"w": jnp.zeros(300)})
+  grads = {
+    "w": jnp.asarray(rng.normal(size=(5, 300)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(5, 3, 7)), jnp.float32),
+  }
+  one_state = tx.init({"w": jnp.zeros(300), "b": jnp.zeros((3, 7))})
   state = one_state
   if in_axes[1] == 0:
     state = jax.tree.map(lambda x: jnp.stack([x + i for i in range(5)]), one_state)
   population = jax.jit(jax.vmap(tx.update, in_axes=in_axes))(grads, state)
-  assert TARGET in jax.jit(jax.vmap(tx.update, in_axes=in_axes)).lower(grads, state).as_text()
+  assert GROUP_TARGET in jax.jit(jax.vmap(tx.update, in_axes=in_axes)).lower(grads, state).as_text()
   xla = optax_adadelta.adadelta(rho=0.9, implementation="jax")
   for i in range(5):
     member = lambda tree, i=i: jax.tree.map(lambda x: x[i], tree)
     member_state = member(state) if in_axes[1] == 0 else one_state
-    want = jax.jit(xla.update)({"w": grads["w"][i]}, member_state)
+    want = jax.jit(xla.update)(member(grads), member_state)
     _assert_same_bits(member(population), want)
 
 
