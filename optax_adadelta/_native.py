@@ -2,9 +2,10 @@
 
 One loop over memory per leaf instead of XLA's several fused loops: it reads g, E[g²] and
 E[Δx²] once and writes Δx, E[g²] and E[Δx²] in place (input i aliases output i, so donated
-buffers are updated without copies). It computes exactly the operations of the pure-JAX
-kernel, in the same order, so results are bit-identical. The wrapper keeps every property
-of the transform:
+buffers are updated without copies). Leaves below `_LARGE` elements share one call (the
+kernel's grouped handler), so a tree of many small leaves costs one call, not one per leaf.
+It computes exactly the operations of the pure-JAX kernel, in the same order, so results are
+bit-identical. The wrapper keeps every property of the transform:
 
 * other platforms (GPU, TPU) lower the pure-JAX kernel instead (`lax.platform_dependent`);
 * `jax.vmap`: the leaf's batch axis simply becomes part of the array (`custom_vmap`);
