@@ -85,9 +85,14 @@ def experiment_alias(size: int, repeats: int) -> None:
   )
 
 
+def _small_leaf_sizes(rng) -> np.ndarray:
+  """1,000 leaf sizes, log-uniform in 256-4,096: the shape of case (c) in benchmarks/step.py."""
+  return np.exp(rng.uniform(np.log(256), np.log(4096), size=1000)).astype(int)
+
+
 def experiment_packing(repeats: int) -> None:
   rng = np.random.default_rng(1)
-  sizes = np.exp(rng.uniform(np.log(256), np.log(4096), size=1000)).astype(int)
+  sizes = _small_leaf_sizes(rng)
   grads = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes]
   params = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes]
   offsets = np.cumsum(sizes)[:-1]
@@ -168,7 +173,7 @@ def experiment_accumulators(size: int, repeats: int) -> None:
 
 def experiment_dispatch_floor(repeats: int) -> None:
   rng = np.random.default_rng(1)
-  sizes = np.exp(rng.uniform(np.log(256), np.log(4096), size=1000)).astype(int)
+  sizes = _small_leaf_sizes(rng)
   params = [jnp.asarray(rng.normal(size=n), jnp.float32) for n in sizes]
   ours, theirs = optax_adadelta.adadelta(), optax.adadelta(1.0, rho=0.95, eps=1e-6)
 
