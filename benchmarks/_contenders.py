@@ -140,7 +140,8 @@ def bandwidth_transformation() -> optax.GradientTransformation:
 
 
 def jax_contenders(params: dict, grads: dict, dtype: str, bandwidth_name: str) -> list:
-  """optax_adadelta (one per implementation), optax.adadelta and XLA's bandwidth kernel."""
+  """optax_adadelta (one per implementation, and with a packed state), optax.adadelta and XLA's
+  bandwidth kernel."""
   jax_dtype = JAX_DTYPES[dtype]
   params = {k: jnp.array(v, jax_dtype) for k, v in params.items()}
   grads = {k: jnp.array(v, jax_dtype) for k, v in grads.items()}
@@ -152,6 +153,10 @@ def jax_contenders(params: dict, grads: dict, dtype: str, bandwidth_name: str) -
     tx = optax_adadelta.adadelta(LEARNING_RATE, RHO, EPS, **accumulator, **keyword)
     note = "f32 state" if dtype == "bf16" else ""
     contenders.append(JaxContender(f"optax_adadelta ({label})", tx, params, grads, note))
+  if "packed_state" in inspect.signature(optax_adadelta.adadelta).parameters:
+    tx = optax_adadelta.adadelta(LEARNING_RATE, RHO, EPS, **accumulator, packed_state=True)
+    note = "f32 state, packed" if dtype == "bf16" else "packed"
+    contenders.append(JaxContender("optax_adadelta (packed state)", tx, params, grads, note))
   tx = optax.adadelta(learning_rate=LEARNING_RATE, rho=RHO, eps=EPS)
   note = "bf16 state (follows params)" if dtype == "bf16" else ""
   contenders.append(JaxContender("optax.adadelta", tx, params, grads, note))

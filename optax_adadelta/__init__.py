@@ -3,6 +3,7 @@
 from optax_adadelta import interop, presets
 from optax_adadelta._adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
 from optax_adadelta._native import is_available as native_available
+from optax_adadelta._packed import PackedAdadeltaState
 from optax_adadelta.transforms import (
   AccumulateGradientsState,
   ParamsEmaState,
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
   "AccumulateGradientsState",
+  "PackedAdadeltaState",
   "ParamsEmaState",
   "ScaleByAdadeltaState",
   "accumulate_gradients",

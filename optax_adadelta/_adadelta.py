@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_adadelta import _checks, _native
+from optax_adadelta import _checks, _native, _packed
 
 Scalar: TypeAlias = float | jax.Array
 ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
@@ -53,6 +53,7 @@ def scale_by_adadelta(
   *,
   accumulator_dtype: Any = None,
   implementation: str = "auto",
+  packed_state: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales gradients by Adadelta's ratio of running averages.
 
@@ -89,10 +90,16 @@ def scale_by_adadelta(
       (Python-number ``rho`` and ``eps``; float32 or bfloat16 leaves) and XLA
       elsewhere; ``"jax"`` always XLA; ``"native"`` like auto, but raises if
       the kernel was not built or ``rho``/``eps`` are traced.
+    packed_state: keep each average as one flat array (a
+      :class:`PackedAdadeltaState`) instead of a tree shaped like the
+      parameters. Faster for models of many small leaves on one device (JAX
+      passes two arrays through the step instead of two per leaf); the state
+      then does not follow the parameters' shardings, and every leaf must be
+      real, of one floating dtype. Same numbers either way.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
-    :class:`ScaleByAdadeltaState`.
+    :class:`ScaleByAdadeltaState` (or a :class:`PackedAdadeltaState`).
 
   References:
     M. D. Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012,
@@ -102,9 +109,13 @@ def scale_by_adadelta(
   _checks.check_in_range("eps", eps, low=0.0, high=None, low_open=True)
   accumulator_dtype = _checks.check_accumulator_dtype(accumulator_dtype)
   _checks.check_implementation(implementation)
+  _checks.check_flag("packed_state", packed_state)
   native = None
   if implementation != "jax":
     native = _native_hyper(rho, eps, required=implementation == "native")
+  if packed_state:
+    by_xla = _leaf_update_by_xla(_adadelta_coordinates, rho, 1 - rho, eps)
+    return _packed.scale_by_packed_kernel(by_xla, accumulator_dtype, native)
   return scale_by_kernel(_adadelta_coordinates, rho, eps, accumulator_dtype, native)
 
 
@@ -117,6 +128,27 @@ def _native_hyper(rho, eps, required: bool) -> _native.Hyper | None:
   if required and reason is not None:
     raise ValueError(f"implementation='native' is not possible here: {reason}")
   return hyper if reason is None else None
+
+
+def _leaf_update_by_xla(kernel, rho, one_minus_rho, eps):
+  """`(g, e_g2, e_dx2) -> (step, e_g2, e_dx2)` for one array through XLA, in at least float32."""
+
+  def by_xla(g, e_g2, e_dx2):
+    dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
+    dtype = jnp.promote_types(dtype, jnp.float32)
+    hyper = [jnp.asarray(h, dtype) for h in (rho, one_minus_rho, eps)]
+    per_coordinate = [
+      kernel(*(c.astype(dtype) for c in coords), *hyper)
+      for coords in zip(_coordinates(g), _coordinates(e_g2), _coordinates(e_dx2), strict=True)
+    ]
+    step, new_e_g2, new_e_dx2 = zip(*per_coordinate, strict=True)
+    return (
+      _from_coordinates(step, g.dtype),
+      _from_coordinates(new_e_g2, e_g2.dtype),
+      _from_coordinates(new_e_dx2, e_dx2.dtype),
+    )
+
+  return by_xla
 
 
 def scale_by_kernel(
@@ -162,20 +194,7 @@ def scale_by_kernel(
         results[i] = result
     return results
 
-  def by_xla(g, e_g2, e_dx2):
-    dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
-    dtype = jnp.promote_types(dtype, jnp.float32)
-    hyper = [jnp.asarray(h, dtype) for h in (rho, one_minus_rho, eps)]
-    per_coordinate = [
-      kernel(*(c.astype(dtype) for c in coords), *hyper)
-      for coords in zip(_coordinates(g), _coordinates(e_g2), _coordinates(e_dx2), strict=True)
-    ]
-    step, new_e_g2, new_e_dx2 = zip(*per_coordinate, strict=True)
-    return (
-      _from_coordinates(step, g.dtype),
-      _from_coordinates(new_e_g2, e_g2.dtype),
-      _from_coordinates(new_e_dx2, e_dx2.dtype),
-    )
+  by_xla = _leaf_update_by_xla(kernel, rho, one_minus_rho, eps)
 
   def update_fn(updates, state, params=None):
     del params
@@ -221,6 +240,7 @@ def adadelta(
   maximize: bool = False,
   accumulator_dtype: Any = None,
   implementation: str = "auto",
+  packed_state: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Adadelta optimizer: descends by :math:`\eta\, \Delta x_t`.
 
@@ -255,6 +275,8 @@ def adadelta(
       :func:`scale_by_adadelta`.
     implementation: ``"auto"``, ``"native"`` or ``"jax"``; see
       :func:`scale_by_adadelta`.
+    packed_state: store the state as two flat arrays; see
+      :func:`scale_by_adadelta`.
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` (an ``optax.chain``).
@@ -265,7 +287,11 @@ def adadelta(
   _checks.check_flag("maximize", maximize)
 
   core = scale_by_adadelta(
-    rho, eps, accumulator_dtype=accumulator_dtype, implementation=implementation
+    rho,
+    eps,
+    accumulator_dtype=accumulator_dtype,
+    implementation=implementation,
+    packed_state=packed_state,
   )
   return descend_with(
     core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay, maximize

@@ -1,0 +1,211 @@
+"""adadelta(packed_state=True): the state as two flat arrays, the same numbers as the default.
+
+Compared with the float64 reference (independent) and bit for bit with the per-leaf state,
+whose own correctness the rest of the suite establishes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_adadelta
+from optax_adadelta import checkpoint
+from tests import reference
+
+DTYPES = {  # parameter dtype, accumulator dtype
+  "f32": (jnp.float32, None),
+  "bf16_f32": (jnp.bfloat16, jnp.float32),
+  "bf16": (jnp.bfloat16, None),
+}
+SHAPES = {"w": (33, 5), "b": (7,), "s": (), "big": (300_007,), "e": (0,)}
+
+
+def _tree(rng, dtype):
+  return {k: jnp.asarray(rng.normal(size=shape), dtype) for k, shape in SHAPES.items()}
+
+
+def _run(params, grads_per_step, **options):
+  """The trajectory of a jitted step compiled without XLA's excess precision.
+
+  By default (`xla_allow_excess_precision`) XLA may keep a fused bfloat16 intermediate, such
+  as g + λ·x or the rounded average, in float32, so the XLA path's bfloat16 bits depend on how
+  the step is fused, and concatenating the gradients fuses it differently. The native kernel
+  rounds at every bfloat16 array either way; with the option off XLA does too.
+  """
+  tx = optax_adadelta.adadelta(weight_decay=1e-3, **options)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state, updates
+
+  state = tx.init(params)
+  lowered = jax.jit(step).lower(params, state, grads_per_step[0])
+  step = lowered.compile({"xla_allow_excess_precision": False})
+  trajectory = []
+  for grads in grads_per_step:
+    params, state, updates = step(params, state, grads)
+    trajectory.append((params, updates))
+  return trajectory, state
+
+
+def _flat_average(state, field):
+  """The per-leaf state's average `field`, laid out as the packed state lays it out."""
+  leaves = jax.tree.leaves(getattr(state[1], field))
+  return np.concatenate([np.asarray(x, np.float32).ravel() for x in leaves])
+
+
+@pytest.mark.parametrize("implementation", ["auto", "jax"])
+@pytest.mark.parametrize("dtype_case", sorted(DTYPES))
+def test_packed_state_gives_the_same_bits_as_the_per_leaf_state(implementation, dtype_case):
+  dtype, accumulator = DTYPES[dtype_case]
+  rng = np.random.default_rng(0)
+  params = _tree(rng, dtype)
+  grads = [_tree(rng, dtype) for _ in range(4)]
+  options = {"accumulator_dtype": accumulator, "implementation": implementation}
+  packed, packed_state = _run(params, grads, packed_state=True, **options)
+  per_leaf, per_leaf_state = _run(params, grads, **options)
+  for got, want in zip(jax.tree.leaves(packed), jax.tree.leaves(per_leaf), strict=True):
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  assert isinstance(packed_state[1], optax_adadelta.PackedAdadeltaState)
+  for field in ("e_g2", "e_dx2"):
+    flat = getattr(packed_state[1], field)
+    assert flat.dtype == (accumulator or dtype)
+    np.testing.assert_array_equal(
+      np.asarray(flat, np.float32), _flat_average(per_leaf_state, field)
+    )
+
+
+def test_packed_trajectory_follows_the_float64_reference():
+  rng = np.random.default_rng(1)
+  shapes = [(20, 3), (5,), (1,), (40,)]
+  params = [rng.normal(size=s).astype(np.float32) for s in shapes]
+  grads = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(25)]
+  want = reference.run(params, grads, rho=0.9, eps=1e-6, learning_rate=0.5)
+  tx = optax_adadelta.adadelta(0.5, rho=0.9, eps=1e-6, packed_state=True)
+  x, state = [jnp.asarray(p) for p in params], tx.init(params)
+  step = jax.jit(lambda x, s, g: (lambda u, s: (optax.apply_updates(x, u), s))(*tx.update(g, s)))
+  for g in grads:
+    x, state = step(x, state, [jnp.asarray(gi) for gi in g])
+  for got, expected in zip(x, want.params, strict=True):
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
+  flat_e_dx2 = np.concatenate([e.ravel() for e in want.e_dx2])
+  np.testing.assert_allclose(state[0].e_dx2, flat_e_dx2, rtol=2e-6, atol=1e-12)
+
+
+def test_a_thousand_leaves_pass_two_state_arrays_through_the_step():
+  params = [jnp.ones(3 + i % 5) for i in range(1000)]
+  tx = optax_adadelta.adadelta(packed_state=True)
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = tx.init(params)
+  assert [x.shape for x in jax.tree.leaves(state)] == [(5000,), (5000,)]
+  lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params)
+  assert len(jax.tree.leaves(lowered.args_info)) == 2 * 1000 + 2
+
+
+def test_vmap_over_a_population_equals_each_member():
+  rng = np.random.default_rng(2)
+  tx = optax_adadelta.adadelta(packed_state=True)
+  params = {"w": jnp.zeros((4, 6)), "b": jnp.zeros(3)}
+  grads = {
+    "w": jnp.asarray(rng.normal(size=(5, 4, 6)), jnp.float32),
+    "b": jnp.asarray(rng.normal(size=(5, 3)), jnp.float32),
+  }
+  one_state = tx.init(params)
+  state = jax.tree.map(lambda x: jnp.stack([x + 0.1 * i for i in range(5)]), one_state)
+  got = jax.jit(jax.vmap(tx.update))(grads, state)
+  for i in range(5):
+    member = lambda tree, i=i: jax.tree.map(lambda leaf: leaf[i], tree)
+    want = jax.jit(tx.update)(member(grads), member(state))
+    for a, b in zip(jax.tree.leaves(member(got)), jax.tree.leaves(want), strict=True):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_checkpoint_round_trip_resumes_exactly(tmp_path):
+  rng = np.random.default_rng(3)
+  params = {"w": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32), "b": jnp.zeros(3)}
+  grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)]
+  grads *= 4
+  tx = optax_adadelta.adadelta(packed_state=True)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s)))
+  p, s = params, tx.init(params)
+  for g in grads[:2]:
+    p, s = step(p, s, g)
+  checkpoint.save(tmp_path / "ckpt", p, s, step=2)
+  restored = checkpoint.restore(tmp_path / "ckpt", params, tx.init(params))
+  p2, s2 = restored.params, restored.opt_state
+  for g in grads[2:]:
+    p, s = step(p, s, g)
+    p2, s2 = step(p2, s2, g)
+  for x, y in zip(jax.tree.leaves((p, s)), jax.tree.leaves((p2, s2)), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize(
+  ("tree", "error", "message"),
+  [
+    (
+      {"a": jnp.ones(3), "b": jnp.ones(2, jnp.bfloat16)},
+      TypeError,
+      r"one dtype, got bfloat16, float32",
+    ),
+    (
+      {"c": jnp.ones(3, jnp.complex64)},
+      TypeError,
+      r"real floating parameters; the leaf at \['c'\]",
+    ),
+    ({"i": jnp.ones(3, jnp.int32)}, TypeError, r"the leaf at \['i'\] has dtype int32"),
+    ({"n": None, "a": jnp.ones(2)}, ValueError, r"the one at \['n'\] is None"),
+  ],
+  ids=["mixed-dtypes", "complex", "integer", "none"],
+)
+def test_init_refuses_what_a_packed_state_cannot_hold(tree, error, message):
+  with pytest.raises(error, match=message):
+    optax_adadelta.adadelta(packed_state=True).init(tree)
+
+
+def test_update_refuses_gradients_of_another_size_and_a_per_leaf_state():
+  tx = optax_adadelta.adadelta(packed_state=True)
+  state = tx.init({"a": jnp.ones(3)})
+  with pytest.raises(
+    ValueError, match=r"gradients have 4 coordinates but the packed state holds 3"
+  ):
+    tx.update({"a": jnp.ones(4)}, state)
+  per_leaf = optax_adadelta.adadelta().init({"a": jnp.ones(3)})
+  with pytest.raises(TypeError, match=r"expects a PackedAdadeltaState, got ScaleByAdadeltaState"):
+    tx.update({"a": jnp.ones(3)}, per_leaf)
+
+
+def test_packed_state_must_be_a_bool():
+  with pytest.raises(TypeError, match=r"packed_state must be True or False, got 'yes'"):
+    optax_adadelta.adadelta(packed_state="yes")
+
+
+def test_sharded_parameters_give_the_single_device_result():
+  """The packed state is not sharded like the parameters, but the numbers do not change."""
+  mesh = jax.make_mesh((8,), ("data",))
+  sharded = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  rng = np.random.default_rng(4)
+  params = {"w": jnp.asarray(rng.normal(size=(64, 3)), jnp.float32), "b": jnp.zeros(16)}
+  grads = [
+    jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params) for _ in range(3)
+  ]
+  tx = optax_adadelta.adadelta(packed_state=True)
+  step = jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s)))
+  p, s = params, tx.init(params)
+  p_sharded = jax.device_put(params, sharded)
+  s_sharded = tx.init(p_sharded)
+  for g in grads:
+    p, s = step(p, s, g)
+    p_sharded, s_sharded = step(p_sharded, s_sharded, jax.device_put(g, sharded))
+  assert p_sharded["w"].sharding.is_equivalent_to(sharded, 2)
+  for x, y in zip(jax.tree.leaves((p, s)), jax.tree.leaves((p_sharded, s_sharded)), strict=True):
+    np.testing.assert_array_equal(x, y)
