@@ -68,7 +68,7 @@ def experiment_alias(size: int, repeats: int) -> None:
   contenders = {}
   for in_step in (False, True):
     for alias in (True, False):
-      _native._LARGE = 0 if alias else 1 << 62
+      _native.LARGE_LEAF = 0 if alias else 1 << 62
       tx = optax_adadelta.adadelta(implementation="native")
       step = _train_step(tx, in_step)(batch)
       carry = (jax.tree.map(jnp.copy, params), tx.init(params))
@@ -76,7 +76,7 @@ def experiment_alias(size: int, repeats: int) -> None:
       where = "over g" if alias else "new"
       name = f"{'grads in step' if in_step else 'grads argument'}, Δx {where}"
       contenders[name] = (step, (jax.tree.map(jnp.copy, params), tx.init(params)))
-  _native._LARGE = 1 << 18
+  _native.LARGE_LEAF = 1 << 18
   _report(
     f"E1: where Δx goes ({size:,} float32 parameters)",
     "grads argument: 'new' faster (no copy of g: 36 instead of 44 bytes per parameter); "

@@ -2,7 +2,7 @@
 
 One loop over memory per leaf instead of XLA's several fused loops: it reads g, E[g²] and
 E[Δx²] once and writes Δx, E[g²] and E[Δx²] in place (input i aliases output i, so donated
-buffers are updated without copies). Leaves below `_LARGE` elements share one call (the
+buffers are updated without copies). Leaves below `LARGE_LEAF` elements share one call (the
 kernel's grouped handler), so a tree of many small leaves costs one call, not one per leaf.
 It computes exactly the operations of the pure-JAX kernel, in the same order, so results are
 bit-identical. The wrapper keeps every property of the transform:
@@ -40,7 +40,7 @@ _DTYPES = {
 # is cheap, and saves XLA a copy of gradients that are not donated (benchmarks/explore.py).
 _ALIASES_LARGE = {0: 0, 1: 1, 2: 2}
 _ALIASES_SMALL = {1: 1, 2: 2}
-_LARGE = 1 << 18  # elements: 1 MiB in float32
+LARGE_LEAF = 1 << 18  # elements: 1 MiB in float32
 Hyper = tuple[float, float, float]  # rho, 1 - rho, eps as Python floats
 Leaf = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -92,10 +92,10 @@ def update_leaves(leaves: list[Leaf], hyper: Hyper, reference: Callable[..., Lea
 
   A kernel call costs XLA about 20 µs however small the leaf (benchmarks/explore.py, E2):
   a model with a thousand biases and norms would spend most of its step calling. Leaves
-  below `_LARGE` elements (and not scalars) go through one call together; large leaves and
+  below `LARGE_LEAF` elements (and not scalars) go through one call together; large leaves and
   scalars get a call each.
   """
-  small = [i for i, (g, _, _) in enumerate(leaves) if g.ndim > 0 and g.size < _LARGE]
+  small = [i for i, (g, _, _) in enumerate(leaves) if g.ndim > 0 and g.size < LARGE_LEAF]
   if len(small) < 2:
     small = []
   results: list[Leaf | None] = [None] * len(leaves)
@@ -217,7 +217,7 @@ def _explicitly_sharded(sharding) -> bool:
 def _ffi(g, e_g2, e_dx2, hyper: Hyper) -> Leaf:
   rho, one_minus_rho, eps = hyper
   outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (g, e_g2, e_dx2))
-  aliases = _ALIASES_LARGE if g.size >= _LARGE else _ALIASES_SMALL
+  aliases = _ALIASES_LARGE if g.size >= LARGE_LEAF else _ALIASES_SMALL
   call = jax.ffi.ffi_call(_TARGET, outputs, input_output_aliases=aliases)
   step, new_e_g2, new_e_dx2 = call(  # float32 attributes, as the pure-JAX kernel's constants
     g,
