@@ -16,7 +16,7 @@ not convert the state. All gradient leaves must be real and of one floating dtyp
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -111,7 +111,8 @@ def scale_by_packed_kernel(
     small = [g for g in grads if _is_packed(g)]
     large = [g for g in grads if not _is_packed(g)]
     _check_layout(small, large, state)
-    e_g2, e_dx2, pieces = state.e_g2[0], state.e_dx2[0], iter([])
+    e_g2, e_dx2 = state.e_g2[0], state.e_dx2[0]
+    pieces: Iterator[jax.Array] = iter([])
     if small:
       flat = jnp.concatenate([g.ravel() for g in small]) if len(small) > 1 else small[0].ravel()
       step, e_g2, e_dx2 = update_leaf(flat, e_g2, e_dx2)
