@@ -272,7 +272,7 @@ def bar_chart(machine: dict, sections: list[dict], path: Path) -> None:
   have_reference = all(BANDWIDTH in s["results"] for s in sections)
   key, reference = ("of_bandwidth", BANDWIDTH) if have_reference else ("vs_optax", BASELINE)
   names = [n for n in sections[0]["results"] if n != reference]
-  figure, axes = plt.subplots(figsize=(10, 4.8), dpi=100)
+  figure, axes = plt.subplots(figsize=(10, 5.6), dpi=100)
   width = 0.8 / len(names)
   for i, name in enumerate(names):
     values, low, high = [], [], []
@@ -286,7 +286,7 @@ def bar_chart(machine: dict, sections: list[dict], path: Path) -> None:
   axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--", label=f"{reference} (= 1)")
   axes.set_xticks(np.arange(len(sections)))
   axes.set_xticklabels(
-    [f"({s['case']}) {s['dtype']}\n{s['parameters']:,} params" for s in sections]
+    [f"({s['case']}) {s['dtype']}\n{s['parameters'] / 1e6:.1f}M params" for s in sections]
   )
   axes.set_yscale("log")
   label = "fraction of the bandwidth limit" if have_reference else "speed-up over optax.adadelta"
@@ -296,7 +296,8 @@ def bar_chart(machine: dict, sections: list[dict], path: Path) -> None:
     f"(c) 1,000 small leaves\n{machine['cpu']}, {machine['cores']} cores, {machine['backend']}",
     fontsize=9,
   )
-  axes.legend(fontsize=8, ncol=2)
+  # Below the axes, where it hides no bar.
+  axes.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.14))
   axes.grid(axis="y", alpha=0.3)
   figure.tight_layout()
   figure.savefig(path, dpi=100)

@@ -90,12 +90,13 @@ def scale_by_adadelta(
       (Python-number ``rho`` and ``eps``; float32 or bfloat16 leaves) and XLA
       elsewhere; ``"jax"`` always XLA; ``"native"`` like auto, but raises if
       the kernel was not built or ``rho``/``eps`` are traced.
-    packed_state: keep each average as one flat array (a
-      :class:`PackedAdadeltaState`) instead of a tree shaped like the
-      parameters. Faster for models of many small leaves on one device (JAX
-      passes two arrays through the step instead of two per leaf); the state
-      then does not follow the parameters' shardings, and every leaf must be
-      real, of one floating dtype. Same numbers either way.
+    packed_state: keep the averages of all leaves below 2¹⁸ elements as one
+      flat array each (a :class:`PackedAdadeltaState`) instead of one array
+      per leaf; larger leaves keep their own, shaped and sharded like the
+      parameter. Faster for models of many small leaves (JAX passes two
+      arrays through the step instead of two per leaf); the packed part
+      does not follow the small parameters' shardings, and every leaf must
+      be real, of one floating dtype. Same numbers either way.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
@@ -275,7 +276,7 @@ def adadelta(
       :func:`scale_by_adadelta`.
     implementation: ``"auto"``, ``"native"`` or ``"jax"``; see
       :func:`scale_by_adadelta`.
-    packed_state: store the state as two flat arrays; see
+    packed_state: pack the small leaves' state into flat arrays; see
       :func:`scale_by_adadelta`.
 
   Returns:

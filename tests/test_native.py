@@ -161,6 +161,41 @@ def test_tree_of_many_leaves_is_bit_identical_to_xla(dtype_case):
   _assert_same_bits(native, xla)
 
 
+@pytest.mark.parametrize("dtype_case", sorted(DTYPES))
+def test_whole_training_step_with_weight_decay_is_bit_identical_without_excess_precision(
+  dtype_case,
+):
+  """In a whole step XLA may fuse optax's g + λ·x into the update and, by default
+  (`xla_allow_excess_precision`), skip its bfloat16 rounding; the kernel gets the rounded g.
+  With that option off both paths round every bfloat16 array, and the bits agree."""
+  rng = np.random.default_rng(5)
+  params = _mixed_tree(rng, dtype_case)
+  grads = [_mixed_tree(rng, dtype_case) for _ in range(4)]
+
+  def trajectory(implementation):
+    tx = optax_adadelta.adadelta(
+      0.5,
+      weight_decay=1e-3,
+      accumulator_dtype=DTYPES[dtype_case][1],
+      implementation=implementation,
+    )
+
+    def step(params, state, grads):
+      updates, state = tx.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    p, state = params, tx.init(params)
+    compiled = jax.jit(step).lower(p, state, grads[0])
+    compiled = compiled.compile({"xla_allow_excess_precision": False})
+    out = []
+    for g in grads:
+      p, state = compiled(p, state, g)
+      out.append((p, state))
+    return out
+
+  _assert_same_bits(trajectory("native"), trajectory("jax"))
+
+
 def test_a_thousand_leaves_in_one_call_follow_the_float64_reference():
   rng = np.random.default_rng(5)
   sizes = rng.integers(1, 300, size=1000)
