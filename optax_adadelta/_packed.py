@@ -46,6 +46,7 @@ class PackedAdadeltaState(NamedTuple):
 def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array]]:
   """Paths and leaves of `tree`, checked: no None, real floating, one dtype."""
   paths, leaves, _ = _checks.flatten_gradients(tree)
+  dtypes = set()
   for path, leaf in zip(paths, leaves, strict=True):
     where = jax.tree_util.keystr(path) or "the root"
     if leaf is None:
@@ -59,11 +60,11 @@ def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array]]:
         f"packed_state=True needs real floating {what}; the leaf at {where} has dtype "
         f"{dtype}. Use packed_state=False for complex or integer leaves"
       )
-  dtypes = sorted({str(jnp.result_type(leaf)) for leaf in leaves})
+    dtypes.add(str(dtype))
   if len(dtypes) > 1:
     raise TypeError(
-      f"packed_state=True needs {what} of one dtype, got {', '.join(dtypes)}; cast them to one "
-      "dtype or use packed_state=False"
+      f"packed_state=True needs {what} of one dtype, got {', '.join(sorted(dtypes))}; cast "
+      "them to one dtype or use packed_state=False"
     )
   return paths, [jnp.asarray(leaf) for leaf in leaves]
 
@@ -84,8 +85,8 @@ def scale_by_packed_kernel(
   """
 
   def init_fn(params):
-    _, leaves = _real_leaves("parameters", params)
-    dtype = accumulator_dtype or (leaves[0].dtype if leaves else jnp.float32)
+    paths, leaves = _real_leaves("parameters", params)
+    dtype = _checks.state_dtype(paths[0], leaves[0], accumulator_dtype) if leaves else jnp.float32
     packed = jax.ShapeDtypeStruct((sum(leaf.size for leaf in leaves if _is_packed(leaf)),), dtype)
     large = [leaf for leaf in leaves if not _is_packed(leaf)]
 
