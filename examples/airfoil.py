@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 import optax_adadelta
-from optax_adadelta import datasets
+from optax_adadelta.demo import datasets
 
 BATCH_SIZE = 10
 NUM_ROWS = 1500

@@ -14,7 +14,7 @@ from flax import linen as nn
 from flax.training import train_state
 
 import optax_adadelta
-from optax_adadelta import datasets, mlp
+from optax_adadelta.demo import datasets, mlp
 
 
 class MLP(nn.Module):
@@ -46,7 +46,7 @@ def train_step(state: train_state.TrainState, x: jax.Array, y: jax.Array):
 
 
 def as_params(params) -> mlp.Params:
-  """Linen's `Dense_i` kernels and biases in `optax_adadelta.mlp`'s layout."""
+  """Linen's `Dense_i` kernels and biases in `optax_adadelta.demo.mlp`'s layout."""
   return [
     {"w": params[f"Dense_{i}"]["kernel"], "b": params[f"Dense_{i}"]["bias"]}
     for i in range(len(params))

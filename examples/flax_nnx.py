@@ -15,7 +15,7 @@ import optax
 from flax import nnx
 
 import optax_adadelta
-from optax_adadelta import datasets, mlp
+from optax_adadelta.demo import datasets, mlp
 
 
 class MLP(nnx.Module):
@@ -57,7 +57,7 @@ def error_rate(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def as_params(model: MLP) -> mlp.Params:
-  """The model's weights in `optax_adadelta.mlp`'s layout, for the pure-JAX loop."""
+  """The model's weights in `optax_adadelta.demo.mlp`'s layout, for the pure-JAX loop."""
   return [{"w": layer.kernel[...], "b": layer.bias[...]} for layer in model.layers]
 
 

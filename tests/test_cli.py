@@ -6,7 +6,7 @@ import sys
 import numpy as np
 import pytest
 
-from optax_adadelta import __main__ as cli
+from optax_adadelta.demo import cli
 
 
 def test_demo_trains_every_optimizer_and_writes_the_table_and_plot(tmp_path, capsys):
@@ -67,3 +67,35 @@ def test_out_of_range_adadelta_hyperparameter_is_reported_before_training(capsys
 def test_batch_larger_than_the_data_is_an_error(capsys):
   assert cli.main(["--batch-size", "5000", "--no-progress"]) == 2
   assert "--batch-size 5000 is larger than the 1437 training images" in capsys.readouterr().err
+
+
+def test_console_script_help_lists_the_options():
+  result = subprocess.run(
+    [sys.executable, "-m", "optax_adadelta", "--help"], capture_output=True, text=True, check=True
+  )
+  assert result.stdout.startswith("usage: optax-adadelta")
+  assert "--no-progress" in result.stdout
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    ([], "progress bars (or pass --no-progress) needs tqdm"),
+    (["--no-progress", "--plot", "x.png"], "--plot needs matplotlib"),
+  ],
+)
+def test_a_missing_demo_extra_is_named_with_the_install_command(argv, message, capsys, monkeypatch):
+  monkeypatch.setattr(cli, "find_spec", lambda name: None)
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert message in err
+  assert 'pip install "optax-adadelta[demo]"' in err
+
+
+def test_importing_the_package_loads_neither_the_demo_nor_its_extras():
+  code = (
+    "import sys, optax_adadelta; "
+    "print(sorted(m for m in ('tqdm', 'matplotlib', 'optax_adadelta.demo') if m in sys.modules))"
+  )
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+  assert result.stdout.strip() == "[]"

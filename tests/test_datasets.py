@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from optax_adadelta import datasets
+from optax_adadelta.demo import datasets
 
 NAMES = {
   "train-images-idx3-ubyte": "x_train",
