@@ -13,7 +13,7 @@ from optax_adadelta.transforms import (
   params_ema,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
   "AccumulateGradientsState",
