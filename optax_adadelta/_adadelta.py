@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, Literal, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_adadelta import _checks, _native, _packed
+from optax_adadelta import _checks, _native, _packed, _rules
 
 Scalar: TypeAlias = float | jax.Array
-ScalarOrSchedule: TypeAlias = optax.ScalarOrSchedule
+Implementation: TypeAlias = Literal["auto", "native", "jax"]
 
 
 class ScaleByAdadeltaState(NamedTuple):
@@ -21,30 +21,13 @@ class ScaleByAdadeltaState(NamedTuple):
     e_g2: E[g²], the running average of squared gradients.
     e_dx2: E[Δx²], the running average of squared (unscaled) steps.
 
-  Both start at zero. For a complex parameter the leaf is complex: its real
-  part holds the average for the real coordinate and its imaginary part the
-  average for the imaginary coordinate (PyTorch's ``view_as_real`` layout).
+  Both start at zero. For a complex parameter the leaf is complex: its real part holds the
+  average for the real coordinate and its imaginary part the average for the imaginary
+  coordinate (PyTorch's ``view_as_real`` layout).
   """
 
   e_g2: optax.Params
   e_dx2: optax.Params
-
-
-def _adadelta_coordinates(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  """Algorithm 1 of the paper on real arrays of one dtype, in one pass."""
-  e_g2 = rho * e_g2 + one_minus_rho * (g * g)
-  step = g * jnp.sqrt((e_dx2 + eps) / (e_g2 + eps))  # _kernel.cc: the same operations
-  e_dx2 = rho * e_dx2 + one_minus_rho * (step * step)
-  return step, e_g2, e_dx2
-
-
-def _coordinates(x: jax.Array) -> tuple[jax.Array, ...]:
-  return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
-
-
-def _from_coordinates(parts, dtype) -> jax.Array:
-  whole = jax.lax.complex(*parts) if len(parts) == 2 else parts[0]
-  return whole.astype(dtype)
 
 
 def scale_by_adadelta(
@@ -52,7 +35,8 @@ def scale_by_adadelta(
   eps: Scalar = 1e-6,
   *,
   accumulator_dtype: Any = None,
-  implementation: str = "auto",
+  update_rule: _rules.UpdateRule = "default",
+  implementation: Implementation = "auto",
   packed_state: bool = False,
 ) -> optax.GradientTransformation:
   r"""Rescales gradients by Adadelta's ratio of running averages.
@@ -61,261 +45,254 @@ def scale_by_adadelta(
 
   .. math::
     E[g^2]_t &= \rho\, E[g^2]_{t-1} + (1 - \rho)\, g_t^2 \\
-    \Delta x_t &= g_t \sqrt{\frac{E[\Delta x^2]_{t-1} + \epsilon}
-                                 {E[g^2]_t + \epsilon}} \\
+    \Delta x_t &= g_t \sqrt{\frac{E[\Delta x^2]_{t-1} + \epsilon}{E[g^2]_t + \epsilon}} \\
     E[\Delta x^2]_t &= \rho\, E[\Delta x^2]_{t-1} + (1 - \rho)\, \Delta x_t^2
 
-  and the update returned is :math:`\Delta x_t` (positive, like every optax
-  ``scale_by_*``; :func:`adadelta` flips the sign and applies the learning
-  rate). :math:`E[\Delta x^2]` accumulates this unscaled step, as the paper,
-  PyTorch, Keras and optax do.
-
-  The real and imaginary parts of a complex gradient are independent
-  coordinates (PyTorch's convention). The arithmetic runs in at least float32;
-  the state is stored in its own dtype, which never changes across updates,
-  and the updates come back in the gradients' dtype.
-
-  On CPU, float32 and bfloat16 leaves are updated by a fused native loop
-  (built at install time, see ``implementation``) with bit-identical results;
-  elsewhere, and for other dtypes or traced ``rho``/``eps``, by XLA.
+  and the update returned is :math:`\Delta x_t` (positive, like every optax ``scale_by_*``;
+  :func:`adadelta` flips the sign and applies the learning rate). :math:`E[\Delta x^2]`
+  accumulates this unscaled step, as the paper, PyTorch, Keras and optax do. The real and
+  imaginary parts of a complex gradient are independent coordinates (PyTorch's convention).
+  The arithmetic runs in at least float32; the state keeps its dtype and the updates come
+  back in the gradients' dtype.
 
   Args:
-    rho: decay rate of both running averages, in [0, 1]. A float, or a JAX
-      array (traced values are accepted, e.g. under ``jax.vmap``).
-    eps: added inside both square roots, > 0. Float or JAX array.
-    accumulator_dtype: real floating dtype of the state (for example
-      ``jnp.float32`` for bfloat16 parameters). ``None`` keeps each
-      parameter's dtype. Complex parameters get the matching complex dtype.
-    implementation: ``"auto"`` uses the native CPU kernel where it applies
-      (Python-number ``rho`` and ``eps``; float32 or bfloat16 leaves) and XLA
-      elsewhere; ``"jax"`` always XLA; ``"native"`` like auto, but raises if
-      the kernel was not built or ``rho``/``eps`` are traced.
-    packed_state: keep the averages of all leaves below 2¹⁸ elements as one
-      flat array each (a :class:`PackedAdadeltaState`) instead of one array
-      per leaf; larger leaves keep their own, shaped and sharded like the
-      parameter. Faster for models of many small leaves (JAX passes two
-      arrays through the step instead of two per leaf); the packed part
-      does not follow the small parameters' shardings, and every leaf must
-      be real, of one floating dtype. Same numbers either way.
+    rho: decay rate of both running averages, in [0, 1]. A float or a JAX array (traced
+      values are accepted, e.g. under ``jax.vmap``).
+    eps: added inside both square roots, > 0. A float or a JAX array.
+    accumulator_dtype: real floating dtype of the state (for example ``jnp.float32`` for
+      bfloat16 parameters). ``None`` keeps each parameter's dtype; complex parameters get
+      the matching complex dtype.
+    update_rule: whose order of floating-point operations to follow: ``"default"`` (one
+      square root, as above), or a peer's, ``"pytorch"``, ``"keras"``, ``"tf1"``,
+      ``"d2l"``; ``"tfjs"`` is TensorFlow.js's rule, which divides by the *previous*
+      :math:`E[g^2]`. The presets in :mod:`optax_adadelta.presets` choose their peer's.
+    implementation: ``"auto"`` updates float32 and bfloat16 leaves on CPU with a fused
+      native kernel (the default rule, with Python-number ``rho`` and ``eps``; results
+      within 1 ulp of XLA's, bit-identical where XLA fuses as the kernel does) and
+      everything else with XLA; ``"jax"`` always XLA; ``"native"`` like ``"auto"`` but
+      raises where the kernel cannot be used. See :func:`optax_adadelta.native_available`.
+    packed_state: keep the averages of all leaves below ``2**18`` elements in one flat array
+      each (a :class:`PackedAdadeltaState`); faster for models of many small leaves, whose
+      step otherwise passes two state arrays per leaf. Real leaves of one floating dtype
+      only; the same numbers either way.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
     :class:`ScaleByAdadeltaState` (or a :class:`PackedAdadeltaState`).
 
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_adadelta
+    >>> tx = optax_adadelta.scale_by_adadelta(rho=0.9, eps=1e-6)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> step, state = tx.update({"w": jnp.array([1.0, -1.0])}, state)
+    >>> step["w"]  # √(ε / ((1 − ρ) g² + ε)) · g
+    Array([ 0.00316226, -0.00316226], dtype=float32)
+
   References:
-    M. D. Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012,
-    arXiv:1212.5701, Algorithm 1.
+    M. D. Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012, arXiv:1212.5701,
+    Algorithm 1.
   """
   _checks.check_in_range("rho", rho, low=0.0, high=1.0, low_open=False)
   _checks.check_in_range("eps", eps, low=0.0, high=None, low_open=True)
   accumulator_dtype = _checks.check_accumulator_dtype(accumulator_dtype)
-  _checks.check_implementation(implementation)
+  _checks.check_choice("update_rule", update_rule, _rules.RULES)
+  _checks.check_choice("implementation", implementation, ("auto", "native", "jax"))
   _checks.check_flag("packed_state", packed_state)
-  native = None
-  if implementation != "jax":
-    native = _native_hyper(rho, eps, required=implementation == "native")
+  update_leaf = _leaf_update(_rules.RULES[update_rule], rho, eps)
+  hyper = _native_hyper(rho, eps, update_rule, implementation)
   if packed_state:
-    by_xla = _leaf_update_by_xla(_adadelta_coordinates, rho, 1 - rho, eps)
-    return _packed.scale_by_packed_kernel(by_xla, accumulator_dtype, native)
-  return scale_by_kernel(_adadelta_coordinates, rho, eps, accumulator_dtype, native)
-
-
-def _native_hyper(rho, eps, required: bool) -> _native.Hyper | None:
-  """(ρ, 1−ρ, ε) for the native kernel, or None to use XLA (an error if `required`)."""
-  reason = _native.unavailable_reason()
-  hyper = _native.static_hyper(rho, 1 - rho, eps)
-  if hyper is None and reason is None:
-    reason = "rho and eps must be Python numbers or concrete scalars, not traced arrays"
-  if required and reason is not None:
-    raise ValueError(f"implementation='native' is not possible here: {reason}")
-  return hyper if reason is None else None
-
-
-def _leaf_update_by_xla(kernel, rho, one_minus_rho, eps):
-  """`(g, e_g2, e_dx2) -> (step, e_g2, e_dx2)` for one array through XLA, in at least float32."""
-
-  def by_xla(g, e_g2, e_dx2):
-    dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
-    dtype = jnp.promote_types(dtype, jnp.float32)
-    hyper = [jnp.asarray(h, dtype) for h in (rho, one_minus_rho, eps)]
-    per_coordinate = [
-      kernel(*(c.astype(dtype) for c in coords), *hyper)
-      for coords in zip(_coordinates(g), _coordinates(e_g2), _coordinates(e_dx2), strict=True)
-    ]
-    step, new_e_g2, new_e_dx2 = zip(*per_coordinate, strict=True)
-    return (
-      _from_coordinates(step, g.dtype),
-      _from_coordinates(new_e_g2, e_g2.dtype),
-      _from_coordinates(new_e_dx2, e_dx2.dtype),
-    )
-
-  return by_xla
-
-
-def scale_by_kernel(
-  kernel, rho, eps, accumulator_dtype, native: _native.Hyper | None = None
-) -> optax.GradientTransformation:
-  """The Adadelta state and tree plumbing around a per-coordinate `kernel`.
-
-  `kernel(g, e_g2, e_dx2, rho, one_minus_rho, eps)` returns `(step, e_g2, e_dx2)` for real
-  arrays of one dtype; presets pass their peer's order of operations. With `native` (the
-  hyper-parameters as floats), float32/bfloat16 leaves go through the native kernel, which
-  computes `_adadelta_coordinates`. Arguments are validated by the caller.
-  """
-  one_minus_rho = 1 - rho  # in Python double precision when rho is a float
+    return _packed.scale_by_adadelta_packed(update_leaf, accumulator_dtype, hyper)
 
   def init_fn(params):
-    def zeros(path, p):
-      dtype = _checks.state_dtype(path, p, accumulator_dtype)
-      return jnp.zeros_like(p, dtype=dtype)  # keeps the parameter's sharding
+    def zeros(path, p):  # zeros_like keeps the parameter's sharding
+      return jnp.zeros_like(p, dtype=_checks.state_dtype(path, p, accumulator_dtype))
 
-    # Two separate trees: aliased buffers could not both be donated.
-    return ScaleByAdadeltaState(
+    return ScaleByAdadeltaState(  # two trees: aliased buffers could not both be donated
       e_g2=jax.tree_util.tree_map_with_path(zeros, params),
       e_dx2=jax.tree_util.tree_map_with_path(zeros, params),
     )
 
-  def update_leaves(paths, grads, e_g2, e_dx2):
-    results: list = [None] * len(grads)
-    by_kernel = []
-    for i, (path, g, a, b) in enumerate(zip(paths, grads, e_g2, e_dx2, strict=True)):
-      if g is None:
-        results[i] = (None, a, b)
-        continue
-      g = jnp.asarray(g)
-      _checks.check_gradient_leaf(path, g, a)
-      if native is not None and _native.supports(g, a, b):
-        by_kernel.append((i, (g, a, b)))
-      else:
-        results[i] = by_xla(g, a, b)
-    if by_kernel and native is not None:
-      indices, leaves = zip(*by_kernel, strict=True)
-      updated = _native.update_leaves(list(leaves), native, by_xla)
-      for i, result in zip(indices, updated, strict=True):
-        results[i] = result
-    return results
-
-  by_xla = _leaf_update_by_xla(kernel, rho, one_minus_rho, eps)
-
   def update_fn(updates, state, params=None):
     del params
-    paths, grads, treedef = _checks.flatten_gradients(updates)
-    e_g2 = _checks.leaves_like_state(treedef, state.e_g2, "e_g2")
-    e_dx2 = _checks.leaves_like_state(treedef, state.e_dx2, "e_dx2")
-    results = update_leaves(paths, grads, e_g2, e_dx2)
-    steps, new_e_g2, new_e_dx2 = (
-      (jax.tree.unflatten(treedef, column) for column in zip(*results, strict=True))
-      if results
-      else (updates, state.e_g2, state.e_dx2)
-    )
-    return steps, ScaleByAdadeltaState(e_g2=new_e_g2, e_dx2=new_e_dx2)
+    _checks.check_gradients(updates, state)
+    if hyper is None:
+      results = jax.tree.map(update_leaf, updates, state.e_g2, state.e_dx2, is_leaf=_is_none)
+    else:
+      results = _native.update_tree(updates, state.e_g2, state.e_dx2, hyper, update_leaf)
+    steps, e_g2, e_dx2 = _unzip3(updates, results)
+    return steps, ScaleByAdadeltaState(e_g2=e_g2, e_dx2=e_dx2)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _keep_gradient_dtypes(
-  inner: optax.GradientTransformationExtraArgs,
-) -> optax.GradientTransformationExtraArgs:
-  """Casts the final updates back to the gradients' dtypes.
+def _leaf_update(rule, rho, eps):
+  """`(g, E[g²], E[Δx²]) -> (Δx, E[g²], E[Δx²])` for one leaf by `rule`, in at least float32.
 
-  An array learning rate or weight decay (a schedule, ``inject_hyperparams``)
-  would otherwise promote bfloat16 updates to float32.
+  A None gradient (a frozen parameter) leaves its state as it is.
   """
+  one_minus_rho = 1 - rho  # in double precision when rho is a Python float
 
-  def update_fn(updates, state, params=None, **extra_args):
-    new_updates, state = inner.update(updates, state, params, **extra_args)
-    new_updates = jax.tree.map(lambda u, g: u.astype(jnp.result_type(g)), new_updates, updates)
-    return new_updates, state
+  def update_leaf(g, e_g2, e_dx2):
+    if g is None:
+      return None, e_g2, e_dx2
+    g = jnp.asarray(g)
+    dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
+    dtype = jnp.promote_types(dtype, jnp.float32)
+    hyper = [jnp.asarray(h, dtype) for h in (rho, one_minus_rho, eps)]
+    per_part = [
+      rule(*(part.astype(dtype) for part in parts), *hyper)
+      for parts in zip(_real_parts(g), _real_parts(e_g2), _real_parts(e_dx2), strict=True)
+    ]
+    columns = zip(*per_part, strict=True)
+    return tuple(_from_parts(c, x.dtype) for c, x in zip(columns, (g, e_g2, e_dx2), strict=True))
 
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+  return update_leaf
+
+
+def _real_parts(x: jax.Array) -> tuple[jax.Array, ...]:
+  return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+
+
+def _from_parts(parts, dtype) -> jax.Array:
+  whole = jax.lax.complex(*parts) if len(parts) == 2 else parts[0]
+  return whole.astype(dtype)
+
+
+def _unzip3(updates, results):
+  """Three trees shaped like `updates` from its tree of (Δx, E[g²], E[Δx²]) triples."""
+  treedef = jax.tree.structure(updates, is_leaf=_is_none)
+  columns = list(zip(*treedef.flatten_up_to(results), strict=True)) or [(), (), ()]
+  return tuple(treedef.unflatten(column) for column in columns)
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _native_hyper(rho, eps, update_rule, implementation) -> _native.Hyper | None:
+  """(ρ, 1−ρ, ε) for the native kernel, or None to use XLA (an error if it must be native)."""
+  if implementation == "jax":
+    return None
+  hyper = _native.static_hyper(rho, eps)
+  reason = _native.unavailable_reason()
+  if update_rule != "default":
+    reason = f"the kernel computes update_rule='default' only, got {update_rule!r}"
+  elif hyper is None and reason is None:
+    reason = "rho and eps must be Python numbers or concrete scalars, not traced arrays"
+  if reason is not None and implementation == "native":
+    raise ValueError(f"implementation='native' is not possible here: {reason}")
+  return hyper if reason is None else None
 
 
 def adadelta(
-  learning_rate: ScalarOrSchedule = 1.0,
+  learning_rate: optax.ScalarOrSchedule = 1.0,
   rho: Scalar = 0.95,
   eps: Scalar = 1e-6,
   *,
-  weight_decay: ScalarOrSchedule = 0.0,
+  weight_decay: optax.ScalarOrSchedule = 0.0,
   weight_decay_mask: Any = None,
   decoupled_weight_decay: bool = False,
   maximize: bool = False,
   accumulator_dtype: Any = None,
-  implementation: str = "auto",
+  update_rule: _rules.UpdateRule = "default",
+  implementation: Implementation = "auto",
   packed_state: bool = False,
-) -> optax.GradientTransformationExtraArgs:
+) -> optax.GradientTransformation:
   r"""The Adadelta optimizer: descends by :math:`\eta\, \Delta x_t`.
 
-  With :math:`\Delta x_t` from :func:`scale_by_adadelta` and gradient
-  :math:`g_t` (negated first when ``maximize``):
+  With :math:`\Delta x_t` from :func:`scale_by_adadelta` and gradient :math:`g_t` (negated
+  first when ``maximize``):
 
   .. math::
     \text{coupled (default):}\quad
-      &g_t \leftarrow g_t + \lambda\, x_t, \quad
-      x_{t+1} = x_t - \eta\, \Delta x_t \\
+      &g_t \leftarrow g_t + \lambda\, x_t, \quad x_{t+1} = x_t - \eta\, \Delta x_t \\
     \text{decoupled:}\quad
       &x_{t+1} = x_t - \eta\, (\Delta x_t + \lambda\, x_t)
 
-  The defaults are the paper's (:math:`\eta = 1, \rho = 0.95,
-  \epsilon = 10^{-6}`). Coupled decay is PyTorch's and optax's; decoupled is
-  Keras's (AdamW-style). ``maximize`` is PyTorch's: the gradient is negated
-  before weight decay, so decay still shrinks the parameters.
+  The defaults are the paper's (:math:`\eta = 1, \rho = 0.95, \epsilon = 10^{-6}`). Coupled
+  decay is PyTorch's and optax's; decoupled is Keras's (AdamW-style). ``maximize`` is
+  PyTorch's: the gradient is negated before weight decay, so decay still shrinks the
+  parameters. It is ``optax.chain(maximize?, decay, scale_by_adadelta, decay?, -η)``, whose
+  state has the same structure however the hyper-parameters arrive (numbers, arrays,
+  ``optax.inject_hyperparams``).
 
   Args:
-    learning_rate: :math:`\eta \ge 0`, a float, JAX array or optax schedule.
-      Unlike ``optax.adadelta(learning_rate=None)``, this always descends.
+    learning_rate: :math:`\eta \ge 0`, a float, JAX array or optax schedule. Unlike
+      ``optax.adadelta(learning_rate=None)``, this always descends.
     rho: decay rate of both running averages, in [0, 1].
     eps: added inside both square roots, > 0.
-    weight_decay: :math:`\lambda \ge 0`, a float, JAX array or schedule. With
-      the float 0 (the default) the transform never needs ``params``.
-    weight_decay_mask: optional tree of booleans (or a function of the params
-      returning one), True where weight decay applies.
-    decoupled_weight_decay: apply :math:`\eta \lambda x_t` outside the adaptive
-      scaling instead of adding :math:`\lambda x_t` to the gradient.
+    weight_decay: :math:`\lambda \ge 0`, a float, JAX array or schedule. With the number 0
+      (the default), ``update`` needs no ``params``.
+    weight_decay_mask: optional tree of booleans (or a function of the params returning
+      one), True where weight decay applies.
+    decoupled_weight_decay: apply :math:`\eta \lambda x_t` outside the adaptive scaling
+      instead of adding :math:`\lambda x_t` to the gradient.
     maximize: climb the objective instead of descending it.
-    accumulator_dtype: real floating dtype of the Adadelta state; see
-      :func:`scale_by_adadelta`.
-    implementation: ``"auto"``, ``"native"`` or ``"jax"``; see
-      :func:`scale_by_adadelta`.
+    accumulator_dtype: real floating dtype of the state; see :func:`scale_by_adadelta`.
+    update_rule: whose order of operations to follow; see :func:`scale_by_adadelta`.
+    implementation: ``"auto"``, ``"native"`` or ``"jax"``; see :func:`scale_by_adadelta`.
     packed_state: pack the small leaves' state into flat arrays; see
       :func:`scale_by_adadelta`.
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs` (an ``optax.chain``).
+    An :class:`optax.GradientTransformation` (an ``optax.chain``).
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import optax_adadelta
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optax_adadelta.adadelta())
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(lambda p: jnp.sum(p["w"] ** 2))(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> optax.apply_updates(params, updates)["w"]
+    Array([ 0.99552786, -1.9955279 ], dtype=float32)
   """
   _checks.check_learning_rate_like("learning_rate", learning_rate)
   _checks.check_learning_rate_like("weight_decay", weight_decay)
   _checks.check_flag("decoupled_weight_decay", decoupled_weight_decay)
   _checks.check_flag("maximize", maximize)
-
   core = scale_by_adadelta(
     rho,
     eps,
     accumulator_dtype=accumulator_dtype,
+    update_rule=update_rule,
     implementation=implementation,
     packed_state=packed_state,
   )
-  return descend_with(
-    core, learning_rate, weight_decay, weight_decay_mask, decoupled_weight_decay, maximize
-  )
-
-
-def descend_with(
-  core: optax.GradientTransformation,
-  learning_rate: ScalarOrSchedule,
-  weight_decay: ScalarOrSchedule,
-  weight_decay_mask: Any,
-  decoupled_weight_decay: bool,
-  maximize: bool,
-) -> optax.GradientTransformationExtraArgs:
-  """Sign, weight decay and learning rate around a `scale_by_*` core (validated by the caller)."""
-  decay = []
-  if not _checks.is_python_zero(weight_decay):
-    decay = [optax.add_decayed_weights(weight_decay, weight_decay_mask)]
-  chain = optax.chain(
+  decay = _add_decayed_weights(weight_decay, weight_decay_mask)
+  return optax.chain(
     *([optax.scale(-1.0)] if maximize else []),
-    *([] if decoupled_weight_decay else decay),
-    core,
-    *(decay if decoupled_weight_decay else []),
-    optax.scale_by_learning_rate(learning_rate),
+    *([core, decay] if decoupled_weight_decay else [decay, core]),
+    _in_updates_dtype(optax.scale_by_learning_rate(learning_rate)),
   )
-  return _keep_gradient_dtypes(chain)
+
+
+def _add_decayed_weights(weight_decay, mask) -> optax.GradientTransformation:
+  """``optax.add_decayed_weights`` that needs no params when λ is the number 0.
+
+  Always in the chain, so the state's structure does not depend on whether λ arrives as
+  the number 0 or as an array (``inject_hyperparams``).
+  """
+  decay = _in_updates_dtype(optax.add_decayed_weights(weight_decay, mask))
+  if not _checks.is_python_zero(weight_decay):
+    return decay
+  return optax.GradientTransformation(
+    decay.init, lambda updates, state, params=None: (updates, state)
+  )
+
+
+def _in_updates_dtype(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, with its updates cast back to the incoming updates' dtypes.
+
+  An array learning rate or weight decay (a schedule, ``inject_hyperparams``) would
+  otherwise promote bfloat16 updates to float32.
+  """
+
+  def update_fn(updates, state, params=None):
+    new_updates, state = inner.update(updates, state, params)
+    cast = lambda new, old: new if old is None else new.astype(jnp.result_type(old))
+    return jax.tree.map(cast, new_updates, updates, is_leaf=_is_none), state
+
+  return optax.GradientTransformation(inner.init, update_fn)

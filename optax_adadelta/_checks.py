@@ -69,13 +69,10 @@ def check_flag(name: str, value: Any) -> None:
     raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
-IMPLEMENTATIONS = ("auto", "native", "jax")
-
-
-def check_implementation(value: Any) -> None:
-  if not isinstance(value, str) or value not in IMPLEMENTATIONS:
-    allowed = ", ".join(repr(i) for i in IMPLEMENTATIONS)
-    raise ValueError(f"implementation must be one of {allowed}, got {value!r}")
+def check_choice(name: str, value: Any, allowed) -> None:
+  if not isinstance(value, str) or value not in allowed:
+    choices = ", ".join(repr(a) for a in allowed)
+    raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
 def is_python_zero(value: Any) -> bool:
@@ -140,7 +137,21 @@ def flatten_gradients(updates: Any):
   return paths, leaves, treedef
 
 
-def leaves_like_state(treedef, state_tree: Any, field: str) -> list[Any]:
+def check_gradients(updates: Any, state: Any) -> None:
+  """Raises a clear error unless `updates` fit the per-leaf `state` that init built."""
+  if not (hasattr(state, "e_g2") and hasattr(state, "e_dx2")) or hasattr(state, "layout"):
+    raise TypeError(
+      f"scale_by_adadelta expects a ScaleByAdadeltaState, got {type(state).__name__}; build "
+      "the state with the same transform's init"
+    )
+  paths, grads, treedef = flatten_gradients(updates)
+  e_g2 = _leaves_like_state(treedef, state.e_g2, "e_g2")
+  for path, g, a in zip(paths, grads, e_g2, strict=True):
+    if g is not None:
+      _check_gradient_leaf(path, g, a)
+
+
+def _leaves_like_state(treedef, state_tree: Any, field: str) -> list[Any]:
   """The state's leaves in the gradients' order, or an error showing both trees."""
   try:
     return treedef.flatten_up_to(state_tree)
@@ -154,7 +165,7 @@ def leaves_like_state(treedef, state_tree: Any, field: str) -> list[Any]:
     ) from err
 
 
-def check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
+def _check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
   """Raises a clear error when one gradient leaf does not fit its state leaf."""
   where = jax.tree_util.keystr(path) or "the root"
   if state_leaf is None:

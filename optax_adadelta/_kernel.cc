@@ -1,27 +1,19 @@
-// Adadelta's per-coordinate update as one loop over memory, for XLA on CPU.
+// Adadelta's update of every leaf of a step in one loop over memory, for XLA on CPU.
 //
-// The XLA FFI handler `Adadelta` computes, per coordinate, in float32 (bfloat16
-// operands are widened exactly and results rounded to nearest even, as XLA does):
+// The XLA FFI handler `optax_adadelta_update` takes (g, E[g²], E[Δx²]) for each leaf and
+// returns (Δx, E[g²], E[Δx²]), computing per coordinate in float32 (bfloat16 operands are
+// widened exactly and results rounded to nearest even, as XLA does):
 //
 //   E[g²]  <- ρ E[g²] + (1−ρ) g²
 //   Δx     <- g · √((E[Δx²] + ε) / (E[g²] + ε))      (E[Δx²] still the previous one)
 //   E[Δx²] <- ρ E[Δx²] + (1−ρ) Δx²
 //
-// the same operations in the same order as `_adadelta_coordinates` in _adadelta.py,
-// including the one fused multiply-add per average that XLA's CPU backend forms (see
-// MulAdd), so the results are bit-identical to XLA's jitted ones. Build flags:
-// -fno-math-errno lets the compiler vectorise sqrtf; -ffp-contract=off keeps it from
-// forming any other fused multiply-add. The buffers are aliased in place by the caller (input i -> output i), so
-// each coordinate is read completely before it is written.
-//
-// The handler `AdadeltaGroup` does the same for many leaves in one call: XLA's cost of a
-// call (about 20 µs) would otherwise dominate a step over a thousand small leaves.
-//
-// Large arrays are split into chunks shared with XLA's intra-op thread pool. The calling
-// thread works on chunks too and only waits for chunks that other threads have claimed
-// (and are running), so it cannot deadlock even when every pool thread is busy.
-
-#include <Python.h>
+// the operations of `_rules.default_rule`, in its order. XLA's CPU backend contracts
+// ρ·E + (1−ρ)·x² into a fused multiply-add where the CPU has one; MulAdd does the same, so
+// the results match XLA's to the bit there (and to 1 ulp anywhere). Built for the baseline
+// ISA with clones for AVX2+FMA and AVX-512 chosen at load time (x86-64 Linux), so one build
+// runs on any x86-64 machine and still vectorises. Averages are updated in place (the caller
+// aliases them); every coordinate is read before it is written.
 
 #include <algorithm>
 #include <atomic>
@@ -36,12 +28,18 @@
 
 namespace ffi = xla::ffi;
 
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__)
+#define OPTAX_ADADELTA_CLONES \
+  __attribute__((target_clones("default", "arch=x86-64-v3", "arch=x86-64-v4")))
+#else
+#define OPTAX_ADADELTA_CLONES
+#endif
+
 namespace {
 
 using bf16_bits = std::uint16_t;
 
 inline float Widen(float x) { return x; }
-
 inline float Widen(bf16_bits x) {
   std::uint32_t bits = static_cast<std::uint32_t>(x) << 16;
   float value;
@@ -49,75 +47,132 @@ inline float Widen(bf16_bits x) {
   return value;
 }
 
-template <typename T>
-T Narrow(float x);
-
-template <>
-inline float Narrow<float>(float x) {
-  return x;
-}
-
-template <>
-inline bf16_bits Narrow<bf16_bits>(float x) {
+inline void Narrow(float x, float* out) { *out = x; }
+inline void Narrow(float x, bf16_bits* out) {
   std::uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
-  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN (quiet), sign kept
-    return static_cast<bf16_bits>((bits >> 16) | 0x0040u);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays a (quiet) NaN
+    *out = static_cast<bf16_bits>((bits >> 16) | 0x0040u);
+    return;
   }
   bits += 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
-  return static_cast<bf16_bits>(bits >> 16);
-}
-
-// a·b + c as XLA's CPU backend computes ρ·E + (1−ρ)·x²: LLVM contracts the first product
-// and the addition into one fused multiply-add where the CPU has one (x86 FMA3, AArch64).
-inline float MulAdd(float a, float b, float c) {
-#if defined(__FMA__) || defined(__aarch64__)
-  return std::fma(a, b, c);
-#else
-  return a * b + c;
-#endif
+  *out = static_cast<bf16_bits>(bits >> 16);
 }
 
 struct Hyper {
   float rho, one_minus_rho, eps;
 };
 
-template <typename G, typename S>
-void UpdateRange(const G* g, const S* e_g2, const S* e_dx2, G* step, S* new_e_g2,
-                 S* new_e_dx2, std::int64_t begin, std::int64_t end, Hyper h) {
-  // Outputs alias inputs exactly (in place), never with an offset, so the iterations are
-  // independent; without this the compiler's overlap check sends in-place calls to its
-  // scalar loop.
+template <bool kFma, typename G, typename S>
+__attribute__((always_inline)) inline void UpdateRange(const G* g, const S* e_g2,
+                                                       const S* e_dx2, G* step, S* new_e_g2,
+                                                       S* new_e_dx2, std::int64_t n, Hyper h) {
+  // Outputs alias inputs exactly or not at all, so the iterations are independent.
 #pragma GCC ivdep
-  for (std::int64_t i = begin; i < end; ++i) {
+  for (std::int64_t i = 0; i < n; ++i) {
     const float grad = Widen(g[i]);
     const float old_e_dx2 = Widen(e_dx2[i]);
-    const float avg_g2 = MulAdd(h.rho, Widen(e_g2[i]), h.one_minus_rho * (grad * grad));
+    const float g2 = h.one_minus_rho * (grad * grad);
+    const float avg_g2 = kFma ? std::fma(h.rho, Widen(e_g2[i]), g2) : h.rho * Widen(e_g2[i]) + g2;
     const float delta = grad * std::sqrt((old_e_dx2 + h.eps) / (avg_g2 + h.eps));
-    const float avg_dx2 = MulAdd(h.rho, old_e_dx2, h.one_minus_rho * (delta * delta));
-    step[i] = Narrow<G>(delta);
-    new_e_g2[i] = Narrow<S>(avg_g2);
-    new_e_dx2[i] = Narrow<S>(avg_dx2);
+    const float dx2 = h.one_minus_rho * (delta * delta);
+    const float avg_dx2 = kFma ? std::fma(h.rho, old_e_dx2, dx2) : h.rho * old_e_dx2 + dx2;
+    Narrow(delta, &step[i]);
+    Narrow(avg_g2, &new_e_g2[i]);
+    Narrow(avg_dx2, &new_e_dx2[i]);
   }
+}
+
+// One leaf's six buffers, offset to a range of its coordinates.
+struct Leaf {
+  enum class Types { kF32, kBf16F32State, kBf16 };
+  const void* in[3];
+  void* out[3];
+  std::int64_t size;
+  Types types;
+};
+
+template <typename G, typename S, bool kFma>
+__attribute__((always_inline)) inline void RunTyped(const Leaf& l, std::int64_t b,
+                                                    std::int64_t e, Hyper h) {
+  UpdateRange<kFma>(static_cast<const G*>(l.in[0]) + b, static_cast<const S*>(l.in[1]) + b,
+                    static_cast<const S*>(l.in[2]) + b, static_cast<G*>(l.out[0]) + b,
+                    static_cast<S*>(l.out[1]) + b, static_cast<S*>(l.out[2]) + b, e - b, h);
+}
+
+template <bool kFma>
+__attribute__((always_inline)) inline void RunLeaf(const Leaf& l, std::int64_t b,
+                                                   std::int64_t e, Hyper h) {
+  switch (l.types) {
+    case Leaf::Types::kF32:
+      return RunTyped<float, float, kFma>(l, b, e, h);
+    case Leaf::Types::kBf16F32State:
+      return RunTyped<bf16_bits, float, kFma>(l, b, e, h);
+    case Leaf::Types::kBf16:
+      return RunTyped<bf16_bits, bf16_bits, kFma>(l, b, e, h);
+  }
+}
+
+// The one function compiled per instruction set; the loader picks the widest the CPU has.
+OPTAX_ADADELTA_CLONES void Run(const Leaf& l, std::int64_t b, std::int64_t e, Hyper h,
+                               bool fma) {
+  if (fma) {
+    RunLeaf<true>(l, b, e, h);
+  } else {
+    RunLeaf<false>(l, b, e, h);
+  }
+}
+
+// Whether XLA's CPU backend, which compiles for this machine, contracts a·b + c here.
+bool HasFma() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool fma = __builtin_cpu_supports("fma");
+  return fma;
+#elif defined(__aarch64__)
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool IsSupported(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
+
+ffi::ErrorOr<Leaf> Describe(ffi::AnyBuffer in[3], ffi::Result<ffi::AnyBuffer> out[3]) {
+  const ffi::DataType grad = in[0].element_type(), state = in[1].element_type();
+  bool ok = IsSupported(grad) && IsSupported(state) &&
+            !(grad == ffi::DataType::F32 && state == ffi::DataType::BF16);
+  for (int k = 0; k < 3; ++k) {
+    ok = ok && in[k].element_count() == in[0].element_count() &&
+         out[k]->element_count() == in[0].element_count() &&
+         out[k]->element_type() == in[k].element_type();
+  }
+  ok = ok && in[2].element_type() == state;
+  if (!ok) {
+    return ffi::Unexpected(ffi::Error::InvalidArgument(
+        "optax_adadelta native update: each leaf needs (gradient, state) dtypes (float32, "
+        "float32), (bfloat16, float32) or (bfloat16, bfloat16) and equal sizes"));
+  }
+  const Leaf::Types types = grad == ffi::DataType::F32     ? Leaf::Types::kF32
+                            : state == ffi::DataType::F32 ? Leaf::Types::kBf16F32State
+                                                           : Leaf::Types::kBf16;
+  return Leaf{{in[0].untyped_data(), in[1].untyped_data(), in[2].untyped_data()},
+              {out[0]->untyped_data(), out[1]->untyped_data(), out[2]->untyped_data()},
+              static_cast<std::int64_t>(in[0].element_count()),
+              types};
 }
 
 constexpr std::int64_t kChunk = 1 << 15;  // coordinates per task: 128 KiB per float32 array
 
-// Runs body(c) for c in [0, chunks), on the calling thread and pool threads.
+// Runs body(c) for c in [0, chunks) on the calling thread and XLA's intra-op pool. The caller
+// works too and waits only for chunks already claimed, so a busy pool cannot deadlock it.
 template <typename Body>
 void ParallelFor(ffi::ThreadPool& pool, std::int64_t chunks, const Body& body) {
   const std::int64_t workers = std::min<std::int64_t>(std::max<std::int64_t>(pool.num_threads(), 1), chunks);
-  if (workers <= 1) {
-    for (std::int64_t c = 0; c < chunks; ++c) body(c);
-    return;
-  }
   struct Progress {
-    std::atomic<std::int64_t> next{0};
-    std::atomic<std::int64_t> done{0};
+    std::atomic<std::int64_t> next{0}, done{0};
   };
   auto progress = std::make_shared<Progress>();
-  // A helper that starts after every chunk is claimed touches nothing that `body` refers to.
-  auto work = [progress, chunks, &body]() {
+  auto work = [progress, chunks, &body] {
     for (std::int64_t c; (c = progress->next.fetch_add(1)) < chunks;) {
       body(c);
       progress->done.fetch_add(1, std::memory_order_release);
@@ -128,116 +183,36 @@ void ParallelFor(ffi::ThreadPool& pool, std::int64_t chunks, const Body& body) {
   while (progress->done.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// One leaf: its six buffers and which of the supported dtype pairs they hold.
-struct Leaf {
-  enum class Types { kF32, kBf16F32State, kBf16 };
-  const void* g;
-  const void* e_g2;
-  const void* e_dx2;
-  void* step;
-  void* new_e_g2;
-  void* new_e_dx2;
-  std::int64_t size;
-  Types types;
-
-  void Update(std::int64_t begin, std::int64_t end, Hyper h) const {
-    switch (types) {
-      case Types::kF32:
-        return Run<float, float>(begin, end, h);
-      case Types::kBf16F32State:
-        return Run<bf16_bits, float>(begin, end, h);
-      case Types::kBf16:
-        return Run<bf16_bits, bf16_bits>(begin, end, h);
-    }
-  }
-
-  template <typename G, typename S>
-  void Run(std::int64_t begin, std::int64_t end, Hyper h) const {
-    UpdateRange(static_cast<const G*>(g), static_cast<const S*>(e_g2),
-                static_cast<const S*>(e_dx2), static_cast<G*>(step), static_cast<S*>(new_e_g2),
-                static_cast<S*>(new_e_dx2), begin, end, h);
-  }
-};
-
-bool IsSupported(ffi::DataType t) { return t == ffi::DataType::F32 || t == ffi::DataType::BF16; }
-
-ffi::ErrorOr<Leaf> Describe(const ffi::AnyBuffer& g, const ffi::AnyBuffer& e_g2,
-                            const ffi::AnyBuffer& e_dx2, ffi::AnyBuffer& step,
-                            ffi::AnyBuffer& new_e_g2, ffi::AnyBuffer& new_e_dx2) {
-  const ffi::DataType grad_type = g.element_type();
-  const ffi::DataType state_type = e_g2.element_type();
-  const bool grad_f32 = grad_type == ffi::DataType::F32;
-  const bool state_f32 = state_type == ffi::DataType::F32;
-  if (!IsSupported(grad_type) || !IsSupported(state_type) || (grad_f32 && !state_f32) ||
-      e_dx2.element_type() != state_type || step.element_type() != grad_type ||
-      new_e_g2.element_type() != state_type || new_e_dx2.element_type() != state_type) {
-    return ffi::Unexpected(ffi::Error::InvalidArgument(
-        "optax_adadelta native update: (gradient, state) dtypes must be (float32, float32), "
-        "(bfloat16, float32) or (bfloat16, bfloat16)"));
-  }
-  const std::size_t n = g.element_count();
-  if (e_g2.element_count() != n || e_dx2.element_count() != n || step.element_count() != n ||
-      new_e_g2.element_count() != n || new_e_dx2.element_count() != n) {
-    return ffi::Unexpected(ffi::Error::InvalidArgument(
-        "optax_adadelta native update: gradient and state sizes differ"));
-  }
-  const Leaf::Types types = grad_f32    ? Leaf::Types::kF32
-                            : state_f32 ? Leaf::Types::kBf16F32State
-                                        : Leaf::Types::kBf16;
-  return Leaf{g.untyped_data(),        e_g2.untyped_data(),     e_dx2.untyped_data(),
-              step.untyped_data(),     new_e_g2.untyped_data(), new_e_dx2.untyped_data(),
-              static_cast<std::int64_t>(n), types};
-}
-
-ffi::Error AdadeltaImpl(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer e_g2,
-                        ffi::AnyBuffer e_dx2, ffi::Result<ffi::AnyBuffer> step,
-                        ffi::Result<ffi::AnyBuffer> new_e_g2,
-                        ffi::Result<ffi::AnyBuffer> new_e_dx2, float rho, float one_minus_rho,
-                        float eps) {
-  const ffi::ErrorOr<Leaf> leaf = Describe(g, e_g2, e_dx2, *step, *new_e_g2, *new_e_dx2);
-  if (leaf.has_error()) return leaf.error();
-  const Hyper h{rho, one_minus_rho, eps};
-  const std::int64_t n = leaf->size;
-  ParallelFor(pool, (n + kChunk - 1) / kChunk, [&](std::int64_t c) {
-    leaf->Update(c * kChunk, std::min(n, (c + 1) * kChunk), h);
-  });
-  return ffi::Error::Success();
-}
-
-// Many leaves in one call: arguments (g, E[g²], E[Δx²]) and results (Δx, E[g²], E[Δx²]) for
-// leaf 0, then leaf 1, and so on. The leaves are laid end to end and cut into chunks of
-// kChunk coordinates, so small leaves share a chunk and large ones are split.
-ffi::Error AdadeltaGroupImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
-                             ffi::RemainingRets rets, float rho, float one_minus_rho, float eps) {
+// Leaves are laid end to end and cut into chunks of kChunk coordinates: small leaves share a
+// chunk, large ones are split across threads.
+ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                      float rho, float one_minus_rho, float eps) {
   if (args.size() % 3 != 0 || rets.size() != args.size()) {
     return ffi::Error::InvalidArgument(
-        "optax_adadelta native group update: expected three arguments and three results per "
-        "leaf");
+        "optax_adadelta native update: three arguments and three results per leaf");
   }
   std::vector<Leaf> leaves;
   std::vector<std::int64_t> offsets{0};  // leaf i holds coordinates [offsets[i], offsets[i+1])
-  leaves.reserve(args.size() / 3);
-  offsets.reserve(args.size() / 3 + 1);
   for (std::size_t i = 0; i < args.size(); i += 3) {
     ffi::AnyBuffer in[3] = {*args.get<ffi::AnyBuffer>(i), *args.get<ffi::AnyBuffer>(i + 1),
                             *args.get<ffi::AnyBuffer>(i + 2)};
     ffi::Result<ffi::AnyBuffer> out[3] = {*rets.get<ffi::AnyBuffer>(i),
                                           *rets.get<ffi::AnyBuffer>(i + 1),
                                           *rets.get<ffi::AnyBuffer>(i + 2)};
-    const ffi::ErrorOr<Leaf> leaf = Describe(in[0], in[1], in[2], *out[0], *out[1], *out[2]);
+    const ffi::ErrorOr<Leaf> leaf = Describe(in, out);
     if (leaf.has_error()) return leaf.error();
     leaves.push_back(*leaf);
     offsets.push_back(offsets.back() + leaf->size);
   }
   const Hyper h{rho, one_minus_rho, eps};
+  const bool fma = HasFma();
   const std::int64_t total = offsets.back();
   ParallelFor(pool, (total + kChunk - 1) / kChunk, [&](std::int64_t c) {
-    const std::int64_t begin = c * kChunk;
-    const std::int64_t end = std::min(total, begin + kChunk);
+    const std::int64_t begin = c * kChunk, end = std::min(total, begin + kChunk);
     std::size_t i = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
     for (; i < leaves.size() && offsets[i] < end; ++i) {
-      leaves[i].Update(std::max(begin, offsets[i]) - offsets[i],
-                       std::min(end, offsets[i + 1]) - offsets[i], h);
+      Run(leaves[i], std::max(begin, offsets[i]) - offsets[i],
+          std::min(end, offsets[i + 1]) - offsets[i], h, fma);
     }
   });
   return ffi::Error::Success();
@@ -245,49 +220,11 @@ ffi::Error AdadeltaGroupImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(Adadelta, AdadeltaImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // g
-                                  .Arg<ffi::AnyBuffer>()  // E[g²]
-                                  .Arg<ffi::AnyBuffer>()  // E[Δx²]
-                                  .Ret<ffi::AnyBuffer>()  // Δx
-                                  .Ret<ffi::AnyBuffer>()  // new E[g²]
-                                  .Ret<ffi::AnyBuffer>()  // new E[Δx²]
-                                  .Attr<float>("rho")
-                                  .Attr<float>("one_minus_rho")
-                                  .Attr<float>("eps"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(AdadeltaGroup, AdadeltaGroupImpl,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(optax_adadelta_update, UpdateImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .RemainingArgs()  // (g, E[g²], E[Δx²]) per leaf
-                                  .RemainingRets()  // (Δx, new E[g²], new E[Δx²]) per leaf
+                                  .RemainingRets()  // (Δx, E[g²], E[Δx²]) per leaf
                                   .Attr<float>("rho")
                                   .Attr<float>("one_minus_rho")
                                   .Attr<float>("eps"));
-
-namespace {
-
-PyObject* AdadeltaHandler(PyObject*, PyObject*) {
-  return PyCapsule_New(reinterpret_cast<void*>(Adadelta), nullptr, nullptr);
-}
-
-PyObject* AdadeltaGroupHandler(PyObject*, PyObject*) {
-  return PyCapsule_New(reinterpret_cast<void*>(AdadeltaGroup), nullptr, nullptr);
-}
-
-PyMethodDef kMethods[] = {
-    {"adadelta_handler", AdadeltaHandler, METH_NOARGS,
-     "The XLA FFI handler of the fused Adadelta update, as a capsule."},
-    {"adadelta_group_handler", AdadeltaGroupHandler, METH_NOARGS,
-     "The XLA FFI handler of the fused update of many leaves in one call, as a capsule."},
-    {nullptr, nullptr, 0, nullptr},
-};
-
-PyModuleDef kModule = {PyModuleDef_HEAD_INIT, "_kernel",
-                       "Native CPU kernel of optax_adadelta (XLA FFI).", -1, kMethods};
-
-}  // namespace
-
-PyMODINIT_FUNC PyInit__kernel() { return PyModule_Create(&kModule); }

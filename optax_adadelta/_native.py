@@ -1,48 +1,89 @@
-"""The fused native CPU update (optax_adadelta/_kernel.cc), called through XLA's FFI.
+"""The optional native CPU update: `_kernel.cc` through XLA's FFI, built at first use.
 
-One loop over memory per leaf instead of XLA's several fused loops: it reads g, E[g²] and
-E[Δx²] once and writes Δx, E[g²] and E[Δx²] in place (input i aliases output i, so donated
-buffers are updated without copies). Leaves below `LARGE_LEAF` elements share one call (the
-kernel's grouped handler), so a tree of many small leaves costs one call, not one per leaf.
-It computes exactly the operations of the pure-JAX kernel, in the same order, so results are
-bit-identical. The wrapper keeps every property of the transform:
+One primitive, `optax_adadelta_update`, updates every leaf of a step in one call: one loop
+over memory per leaf (XLA's own lowering makes four), the two averages in place. Its rules:
 
-* other platforms (GPU, TPU) lower the pure-JAX kernel instead (`lax.platform_dependent`);
-* `jax.vmap`: the leaf's batch axis simply becomes part of the array (`custom_vmap`);
-* sharding: each device updates its own shard (`custom_partitioning`; no gathers);
-* differentiation: derivatives are those of the pure-JAX kernel (`custom_jvp`).
+* lowering: the kernel on CPU; everywhere else, and under `jax.export` (which only serializes
+  custom calls with compatibility guarantees), the pure-JAX rule it replaces;
+* batching: the update is elementwise, so a `vmap` axis is one more array axis;
+* differentiation: the derivatives of the pure-JAX rule;
+* sharding: each device updates its own shards (`custom_partitioning`, no collectives).
+
+The kernel is compiled once per machine, jaxlib and source with the system C++ compiler
+(``$CXX``, else ``c++``) against the FFI headers of the installed jaxlib, for the baseline
+instruction set with clones for wider vectors (see `_kernel.cc`), and cached in
+``$OPTAX_ADADELTA_CACHE`` (else ``~/.cache/optax_adadelta``). Where that fails the package
+runs on pure JAX, and `native_available()` is False; `unavailable_reason()` says why.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import os
+import shutil
+import subprocess
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 _TARGET = "optax_adadelta_update"
-_GROUP_TARGET = "optax_adadelta_update_group"
-# (gradient, state) dtypes. float32 gradients with bfloat16 state are left to XLA: there
-# XLA's fusion rounds Δx differently (1 ulp) from the one-loop kernel.
-_DTYPES = {
+_SOURCE = Path(__file__).with_name("_kernel.cc")
+_FLAGS = ("-std=c++17", "-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
+# Δx is written over the gradient of a leaf this large: a fresh buffer of that size costs
+# more than the update (its pages are faulted in on every step). Smaller leaves get a new one.
+_IN_PLACE_STEP = 1 << 18
+_SUPPORTED = {  # (gradient, state) dtypes
   (np.dtype(np.float32), np.dtype(np.float32)),
   (np.dtype(jnp.bfloat16), np.dtype(np.float32)),
   (np.dtype(jnp.bfloat16), np.dtype(jnp.bfloat16)),
 }
-
-# Both averages are updated in place. Δx is written over the gradients when a leaf is large:
-# then no second gradient-sized buffer is allocated (a fresh large buffer costs more than the
-# whole update: its pages are faulted in on every step). Small leaves get a new buffer, which
-# is cheap, and saves XLA a copy of gradients that are not donated (benchmarks/explore.py).
-_ALIASES_LARGE = {0: 0, 1: 1, 2: 2}
-_ALIASES_SMALL = {1: 1, 2: 2}
-LARGE_LEAF = 1 << 18  # elements: 1 MiB in float32
-Hyper = tuple[float, float, float]  # rho, 1 - rho, eps as Python floats
+Hyper = tuple[float, float, float]  # rho, 1 - rho, eps
 Leaf = tuple[jax.Array, jax.Array, jax.Array]
+
+
+def _cache_dir() -> Path:
+  default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "optax_adadelta"
+  return Path(os.environ.get("OPTAX_ADADELTA_CACHE") or default)
+
+
+def _build() -> Path:
+  """The kernel's shared library, compiled into the cache unless it is there already."""
+  compiler = shutil.which(os.environ.get("CXX", "c++"))
+  if compiler is None:
+    raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found; set CXX)")
+  include = jax.ffi.include_dir()
+  key = hashlib.sha256(
+    b"\0".join(
+      [
+        _SOURCE.read_bytes(),
+        jaxlib.__version__.encode(),
+        compiler.encode(),
+        *map(str.encode, _FLAGS),
+      ]
+    )
+  ).hexdigest()[:16]
+  library = _cache_dir() / f"kernel-{key}.so"
+  if library.exists():
+    return library
+  library.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
+    built = Path(scratch) / library.name
+    command = [compiler, *_FLAGS, "-isystem", include, str(_SOURCE), "-o", str(built)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+      raise RuntimeError(f"compiling {_SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
+    os.replace(built, library)  # atomic: concurrent processes see all of it or none
+  return library
 
 
 @functools.cache
@@ -50,246 +91,142 @@ def unavailable_reason() -> str | None:
   """Why the native kernel cannot be used in this process, or None if it can."""
   if os.environ.get("OPTAX_ADADELTA_NATIVE") == "0":
     return "disabled by OPTAX_ADADELTA_NATIVE=0"
+  if os.name == "nt":
+    return "the native kernel is built on Linux and macOS only"
   try:
-    from optax_adadelta import _kernel  # type: ignore[attr-defined]
-  except ImportError as error:
-    if os.path.exists(os.path.join(os.path.dirname(__file__), "_kernel.cc")):
-      return (
-        f"the native kernel is not built in this source tree ({error}); "
-        "`pip install -e .` builds it in place"
-      )
-    return f"the native kernel was not built when the package was installed ({error})"
-  jax.ffi.register_ffi_target(_TARGET, _kernel.adadelta_handler(), platform="cpu")
-  jax.ffi.register_ffi_target(_GROUP_TARGET, _kernel.adadelta_group_handler(), platform="cpu")
+    library = ctypes.cdll.LoadLibrary(str(_build()))
+    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.optax_adadelta_update))
+  except (OSError, RuntimeError, AttributeError) as error:
+    return f"the native kernel could not be built or loaded: {error}"
   return None
 
 
 def is_available() -> bool:
-  """Whether `adadelta(implementation="auto")` can use the native CPU kernel here.
+  """Whether ``adadelta()`` can use the native CPU kernel in this process.
 
-  `adadelta(implementation="native")` raises with the reason when it cannot.
+  The kernel is compiled on first use (a few seconds, then cached); where it cannot be,
+  everything runs on pure JAX with the same results, and
+  ``adadelta(implementation="native")`` raises with the reason.
   """
   return unavailable_reason() is None
 
 
-def static_hyper(rho, one_minus_rho, eps) -> Hyper | None:
-  """The hyper-parameters as Python floats, or None if any is traced or not a scalar."""
-  values = []
-  for value in (rho, one_minus_rho, eps):
-    if isinstance(value, jax.core.Tracer) or np.ndim(value) != 0:
-      return None
-    values.append(float(value))
-  return values[0], values[1], values[2]
+def static_hyper(rho, eps) -> Hyper | None:
+  """(ρ, 1 − ρ, ε) as Python floats, or None if either is traced or not a scalar."""
+  if any(isinstance(v, jax.core.Tracer) or np.ndim(v) != 0 for v in (rho, eps)):
+    return None
+  return float(rho), 1 - float(rho), float(eps)
 
 
 def supports(g: jax.Array, e_g2: jax.Array, e_dx2: jax.Array) -> bool:
-  """Whether the kernel handles this leaf: float32 or bfloat16, state at least as wide."""
-  return (g.dtype, e_g2.dtype) in _DTYPES and e_dx2.dtype == e_g2.dtype
+  """Whether the kernel handles this leaf: float32 or bfloat16, the state at least as wide."""
+  return (g.dtype, e_g2.dtype) in _SUPPORTED and e_dx2.dtype == e_g2.dtype
 
 
-def update_leaves(leaves: list[Leaf], hyper: Hyper, reference: Callable[..., Leaf]) -> list[Leaf]:
-  """`update` for every (g, E[g²], E[Δx²]) in `leaves`; small leaves share one kernel call.
+def update_tree(updates, e_g2, e_dx2, hyper: Hyper, rule: Callable[..., Leaf]):
+  """A tree of (Δx, E[g²], E[Δx²]) per leaf: one kernel call for every leaf it supports.
 
-  A kernel call costs XLA about 20 µs however small the leaf (benchmarks/explore.py, E2):
-  a model with a thousand biases and norms would spend most of its step calling. Leaves
-  below `LARGE_LEAF` elements (and not scalars) go through one call together; large leaves and
-  scalars get a call each.
+  `rule(g, e_g2, e_dx2)` is the pure-JAX update of one leaf that the kernel stands for; it
+  updates the other leaves (other dtypes, scalars, None gradients).
   """
-  small = [i for i, (g, _, _) in enumerate(leaves) if g.ndim > 0 and g.size < LARGE_LEAF]
-  if len(small) < 2:
-    small = []
-  results: list[Leaf | None] = [None] * len(leaves)
-  if small:
-    grouped = _update_group([leaves[i] for i in small], hyper, reference)
-    for i, result in zip(small, grouped, strict=True):
-      results[i] = result
-  for i, leaf in enumerate(leaves):
-    if results[i] is None:
-      results[i] = update(*leaf, hyper, reference)
-  return results  # type: ignore[return-value]
+  treedef = jax.tree.structure(updates, is_leaf=lambda x: x is None)
+  leaves = zip(*(treedef.flatten_up_to(t) for t in (updates, e_g2, e_dx2)), strict=True)
+  leaves = [(g if g is None else jnp.asarray(g), a, b) for g, a, b in leaves]
+  native = [
+    i for i, (g, a, b) in enumerate(leaves) if g is not None and g.ndim and supports(g, a, b)
+  ]
+  by_rule = set(range(len(leaves))) - set(native)
+  results: list = [rule(*leaf) if i in by_rule else None for i, leaf in enumerate(leaves)]
+  if native:
+    flat = _update_p.bind(*(x for i in native for x in leaves[i]), hyper=hyper, rule=rule)
+    for k, i in enumerate(native):
+      results[i] = tuple(flat[3 * k : 3 * k + 3])
+  return treedef.unflatten(results)
 
 
-def update(g, e_g2, e_dx2, hyper: Hyper, reference: Callable[..., Leaf]) -> Leaf:
-  """(Δx, E[g²], E[Δx²]) for one leaf; `reference` is the pure-JAX kernel on the same dtypes."""
-
-  @jax.custom_jvp
-  def fused(g, e_g2, e_dx2):
-    return jax.lax.platform_dependent(
-      g,
-      e_g2,
-      e_dx2,
-      cpu=functools.partial(_batched, hyper=hyper, reference=reference),
-      default=reference,
-    )
-
-  @fused.defjvp
-  def fused_jvp(primals, tangents):
-    return jax.jvp(reference, primals, tangents)
-
-  return fused(g, e_g2, e_dx2)
+def _by_rule(*flat, rule, hyper=None):
+  del hyper
+  return [x for i in range(0, len(flat), 3) for x in rule(*flat[i : i + 3])]
 
 
-def _batched(g, e_g2, e_dx2, *, hyper: Hyper, reference: Callable[..., Leaf]) -> Leaf:
-  @jax.custom_batching.custom_vmap
-  def call(g, e_g2, e_dx2):
-    kernel = functools.partial(_ffi, hyper=hyper)
-    types = [jax.typeof(x) for x in (g, e_g2, e_dx2)]
-    if len({t.manual_axis_type for t in types}) > 1 or len({t.sharding.spec for t in types}) > 1:
-      return reference(g, e_g2, e_dx2)  # differently sharded leaves: let XLA reconcile them
-    if jax.sharding.get_abstract_mesh().manual_axes:
-      # Inside shard_map: these are this device's shards, and so are the results.
-      varying = tuple(sorted(types[0].manual_axis_type.varying))
-      results = kernel(g, e_g2, e_dx2)
-      return tuple(jax.lax.pcast(x, varying, to="varying") for x in results) if varying else results
-    sharding = types[0].sharding
-    if _explicitly_sharded(sharding):
-      # The shardings are part of the types here: run the kernel on each shard.
-      specs = (sharding.spec,) * 3
-      return jax.shard_map(kernel, mesh=sharding.mesh, in_specs=specs, out_specs=specs)(
-        g, e_g2, e_dx2
-      )
-    return _partitioned(g, e_g2, e_dx2, hyper)
-
-  @call.def_vmap
-  def call_vmap(axis_size, in_batched, g, e_g2, e_dx2):
-    # Element-wise: the batch axis (moved to the front) is one more array axis.
-    args = [
-      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-      for x, batched in zip((g, e_g2, e_dx2), in_batched, strict=True)
-    ]
-    return call(*args), (True, True, True)
-
-  return call(g, e_g2, e_dx2)
-
-
-def _update_group(leaves: list[Leaf], hyper: Hyper, reference: Callable[..., Leaf]) -> list[Leaf]:
-  """`update` on many leaves through one kernel call (same wrapping, flattened arguments)."""
-
-  def reference_all(*flat):
-    return tuple(x for i in range(0, len(flat), 3) for x in reference(*flat[i : i + 3]))
-
-  @jax.custom_jvp
-  def fused(*flat):
-    return jax.lax.platform_dependent(
-      *flat,
-      cpu=functools.partial(_batched_group, hyper=hyper, reference=reference),
-      default=reference_all,
-    )
-
-  @fused.defjvp
-  def fused_jvp(primals, tangents):
-    return jax.jvp(reference_all, primals, tangents)
-
-  flat = fused(*(x for leaf in leaves for x in leaf))
-  return [(flat[i], flat[i + 1], flat[i + 2]) for i in range(0, len(flat), 3)]
-
-
-def _batched_group(*flat, hyper: Hyper, reference: Callable[..., Leaf]) -> tuple[jax.Array, ...]:
-  @jax.custom_batching.custom_vmap
-  def call(*flat):
-    types = [jax.typeof(x) for x in flat]
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.manual_axes or any(_explicitly_sharded(t.sharding) for t in types):
-      # Inside shard_map, or shardings in the types: each leaf on its own, as `update` does.
-      leaves = [flat[i : i + 3] for i in range(0, len(flat), 3)]
-      return tuple(x for leaf in leaves for x in _batched(*leaf, hyper=hyper, reference=reference))
-    ranks = tuple(x.ndim for x in flat[::3])
-    return tuple(_partitioned_group(ranks)(hyper, *flat))
-
-  @call.def_vmap
-  def call_vmap(axis_size, in_batched, *flat):
-    args = [
-      x if batched else jnp.broadcast_to(x, (axis_size, *x.shape))
-      for x, batched in zip(flat, in_batched, strict=True)
-    ]
-    return call(*args), (True,) * len(args)
-
-  return call(*flat)
-
-
-def _explicitly_sharded(sharding) -> bool:
-  mesh = getattr(sharding, "mesh", None)
-  if mesh is None or mesh.empty:
-    return False
-  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
-
-
-def _ffi(g, e_g2, e_dx2, hyper: Hyper) -> Leaf:
+def _kernel_call(*flat, hyper: Hyper):
   rho, one_minus_rho, eps = hyper
-  outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (g, e_g2, e_dx2))
-  aliases = _ALIASES_LARGE if g.size >= LARGE_LEAF else _ALIASES_SMALL
+  aliases = {i: i for i in range(len(flat)) if i % 3 or flat[i].size >= _IN_PLACE_STEP}
+  outputs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat]
   call = jax.ffi.ffi_call(_TARGET, outputs, input_output_aliases=aliases)
-  step, new_e_g2, new_e_dx2 = call(  # float32 attributes, as the pure-JAX kernel's constants
-    g,
-    e_g2,
-    e_dx2,
-    rho=np.float32(rho),
-    one_minus_rho=np.float32(one_minus_rho),
-    eps=np.float32(eps),
-  )
-  return step, new_e_g2, new_e_dx2
-
-
-def _ffi_group(*flat, hyper: Hyper) -> tuple[jax.Array, ...]:
-  rho, one_minus_rho, eps = hyper
-  outputs = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat)
-  aliases = {i: i for i in range(len(flat)) if i % 3}  # both averages in place, Δx new
-  call = jax.ffi.ffi_call(_GROUP_TARGET, outputs, input_output_aliases=aliases)
-  return tuple(
-    call(*flat, rho=np.float32(rho), one_minus_rho=np.float32(one_minus_rho), eps=np.float32(eps))
-  )
+  # float32 attributes: the pure-JAX rule's constants are float32 too.
+  attributes = {"rho": np.float32(rho), "one_minus_rho": np.float32(one_minus_rho)}
+  return tuple(call(*flat, **attributes, eps=np.float32(eps)))
 
 
 @functools.cache
-def _partitioned_group(ranks: tuple[int, ...]):
-  """The group call for leaves of these ranks: each device updates its own shards.
+def _partitioned(ranks: tuple[int, ...]):
+  """The kernel call for leaves of these ranks, each device on its own shards.
 
-  Leaf i's three arguments and three results all take the sharding of its gradient.
+  The one rule: a leaf's three arguments and three results share its gradient's sharding.
   """
 
   @functools.partial(custom_partitioning, static_argnums=(0,))
-  def group(hyper: Hyper, *flat):
-    return _ffi_group(*flat, hyper=hyper)
+  def call(hyper, *flat):
+    return _kernel_call(*flat, hyper=hyper)
 
-  def shardings(arg_shapes):
+  def follow_gradients(arg_shapes):
     return tuple(arg_shapes[i - i % 3].sharding for i in range(len(arg_shapes)))
 
-  def infer(hyper, mesh, arg_shapes, result_shape):
-    del hyper, mesh, result_shape
-    return shardings(arg_shapes)
-
   def partition(hyper, mesh, arg_shapes, result_shape):
-    del result_shape
-    both = shardings(arg_shapes)
-    return mesh, functools.partial(_ffi_group, hyper=hyper), both, both
+    shardings = follow_gradients(arg_shapes)
+    return mesh, functools.partial(_kernel_call, hyper=hyper), shardings, shardings
 
-  # Shardy: every dimension its own factor, shared by a leaf's six arrays only.
-  operands = [" ".join(f"l{i}d{k}" for k in range(rank)) for i, rank in enumerate(ranks)]
-  sides = ", ".join(op for op in operands for _ in range(3))
-  group.def_partition(
-    partition=partition, infer_sharding_from_operands=infer, sharding_rule=f"{sides} -> {sides}"
+  dims = [" ".join(f"l{leaf}d{k}" for k in range(rank)) for leaf, rank in enumerate(ranks)]
+  sides = ", ".join(d for d in dims for _ in range(3))
+  call.def_partition(
+    partition=partition,
+    infer_sharding_from_operands=lambda hyper, mesh, shapes, result: follow_gradients(shapes),
+    sharding_rule=f"{sides} -> {sides}",
   )
-  return group
+  return call
 
 
-@functools.partial(custom_partitioning, static_argnums=(3,))
-def _partitioned(g, e_g2, e_dx2, hyper: Hyper) -> Leaf:
-  return _ffi(g, e_g2, e_dx2, hyper)
+def _cpu_lowering(ctx, *flat, hyper, rule):
+  context, axes = ctx.module_context, ctx.module_context.axis_context
+  sharded = type(axes).__name__ == "ShardingContext" and axes.num_devices > 1
+  if context.lowering_parameters.for_export or (sharded and axes.device_assignment is None):
+    fn = functools.partial(_by_rule, rule=rule)
+  elif sharded:
+    ranks = tuple(aval.ndim for aval in ctx.avals_in[::3])
+    fn = lambda *flat: _partitioned(ranks)(hyper, *flat)
+  else:  # one device, a pmap replica, or this device's shards inside shard_map
+    fn = functools.partial(_kernel_call, hyper=hyper)
+  return mlir.lower_fun(fn, multiple_results=True)(ctx, *flat)
 
 
-def _same_sharding(hyper, mesh, arg_shapes, result_shape):
-  del hyper, mesh, result_shape
-  sharding = arg_shapes[0].sharding
-  return (sharding, sharding, sharding)
+def _batch(args, dims, *, hyper, rule):
+  size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
+  moved = [
+    jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
+    for x, d in zip(args, dims, strict=True)
+  ]
+  return _update_p.bind(*moved, hyper=hyper, rule=rule), [0] * len(args)
 
 
-def _partition(hyper, mesh, arg_shapes, result_shape):
-  shardings = _same_sharding(hyper, mesh, arg_shapes, result_shape)
-  return mesh, functools.partial(_ffi, hyper=hyper), shardings, shardings
+def _jvp(primals, tangents, *, hyper, rule):
+  tangents = [ad.instantiate_zeros(t) for t in tangents]
+  return jax.jvp(functools.partial(_by_rule, rule=rule), list(primals), tangents)
 
 
-_partitioned.def_partition(
-  partition=_partition,
-  infer_sharding_from_operands=_same_sharding,
-  sharding_rule="..., ..., ... -> ..., ..., ...",
-)
+_update_p = Primitive(_TARGET)
+_update_p.multiple_results = True
+_update_p.def_impl(jax.jit(_update_p.bind, static_argnames=("hyper", "rule")))
+_update_p.def_abstract_eval(lambda *avals, hyper, rule: list(avals))
+mlir.register_lowering(_update_p, mlir.lower_fun(_by_rule, multiple_results=True))
+# Not cacheable: a cached lowering is emitted without the device assignment that
+# custom_partitioning needs.
+mlir.register_lowering(_update_p, _cpu_lowering, platform="cpu", cacheable=False)
+try:  # private: jit then lowers with the device assignment that custom_partitioning needs
+  from jax._src import dispatch as _dispatch
+
+  _dispatch.prim_requires_devices_during_lowering.add(_update_p)
+except (ImportError, AttributeError):  # then sharded steps lower the pure-JAX rule
+  pass
+batching.primitive_batchers[_update_p] = _batch
+ad.primitive_jvps[_update_p] = _jvp

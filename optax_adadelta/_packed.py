@@ -2,22 +2,25 @@
 
 The default state mirrors the parameters: one E[g²] and one E[Δx²] array per leaf. Passing a
 few thousand arrays into and out of a jitted step costs JAX more than updating them
-(README, Performance: E2 and E4), so a model of many small leaves can keep each average of its
-small leaves as one flat array instead, laid out leaf after leaf in the order of the flattened
-parameter tree. Large leaves (`_native.LARGE_LEAF` elements or more) keep an array of their own,
-shaped and sharded like the parameter: packing them would only copy megabytes each step. Each
-step concatenates the small gradients, updates every coordinate with the same operations as
-the per-leaf path, and cuts Δx back into the gradients' shapes.
+(benchmarks/README.md), so a model of many small leaves can keep each average of its small
+leaves (below `PACKED_BELOW` elements) as one flat array, laid out leaf after leaf in the order
+of the flattened parameter tree. Larger leaves keep an array of their own, shaped and sharded
+like the parameter: packing them would only copy megabytes each step. Each step concatenates
+the small gradients, updates every coordinate as the per-leaf state does, and cuts Δx back
+into the gradients' shapes.
 
-What it gives up: the packed array does not take the small parameters' shardings (with
-sharded small parameters XLA moves their gradients to concatenate them), and `interop` does
-not convert the state. All gradient leaves must be real and of one floating dtype.
+The layout (tree structure, shapes, dtype, threshold) is stored in the state, so gradients of
+any other structure, shape or dtype are refused, naming the first difference. What the packed
+state gives up: it does not take the small parameters' shardings, and `interop` does not
+convert it. All leaves must be real and of one floating dtype.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,26 +29,58 @@ import optax
 
 from optax_adadelta import _checks, _native
 
-Leaf = tuple[jax.Array, jax.Array, jax.Array]
+PACKED_BELOW = 1 << 18  # elements: leaves below this are packed (1 MiB in float32)
 
 
-class PackedAdadeltaState(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+  """What a :class:`PackedAdadeltaState` was built for (static: not an array, not saved).
+
+  Attributes:
+    treedef: structure of the parameter tree.
+    shapes: shape of each leaf, in ``jax.tree.leaves`` order.
+    dtype: the leaves' dtype.
+    packed_below: leaves with fewer elements than this are packed.
+  """
+
+  treedef: Any
+  shapes: tuple[tuple[int, ...], ...]
+  dtype: str
+  packed_below: int
+
+  @property
+  def packed(self) -> tuple[bool, ...]:
+    return tuple(int(np.prod(s)) < self.packed_below for s in self.shapes)
+
+
+@functools.partial(
+  jax.tree_util.register_dataclass,
+  data_fields=["e_g2_packed", "e_dx2_packed", "e_g2_large", "e_dx2_large"],
+  meta_fields=["layout"],
+)
+@dataclasses.dataclass(frozen=True)
+class PackedAdadeltaState:
   """State of ``scale_by_adadelta(packed_state=True)``.
 
   Attributes:
-    e_g2: E[g²] as a tuple: first one flat array holding every leaf below 2¹⁸ elements (in
-      ``jax.tree.leaves`` order, each raveled, laid end to end), then, in the same order,
-      one array per larger leaf, shaped and sharded like that parameter.
-    e_dx2: E[Δx²], in the same layout.
+    e_g2_packed: E[g²] of every leaf below ``layout.packed_below`` elements, each raveled,
+      laid end to end in ``jax.tree.leaves`` order.
+    e_dx2_packed: E[Δx²] of the same leaves, in the same layout.
+    e_g2_large: E[g²] of each larger leaf, in the same order, shaped (and sharded) like it.
+    e_dx2_large: E[Δx²] of each larger leaf.
+    layout: the parameter tree the state was built for (a :class:`PackedLayout`).
   """
 
-  e_g2: tuple[jax.Array, ...]
-  e_dx2: tuple[jax.Array, ...]
+  e_g2_packed: jax.Array
+  e_dx2_packed: jax.Array
+  e_g2_large: tuple[jax.Array, ...]
+  e_dx2_large: tuple[jax.Array, ...]
+  layout: PackedLayout
 
 
-def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array]]:
-  """Paths and leaves of `tree`, checked: no None, real floating, one dtype."""
-  paths, leaves, _ = _checks.flatten_gradients(tree)
+def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array], Any]:
+  """Paths, leaves and structure of `tree`, checked: no None, real floating, one dtype."""
+  paths, leaves, treedef = _checks.flatten_gradients(tree)
   dtypes = set()
   for path, leaf in zip(paths, leaves, strict=True):
     where = jax.tree_util.keystr(path) or "the root"
@@ -66,40 +101,36 @@ def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array]]:
       f"packed_state=True needs {what} of one dtype, got {', '.join(sorted(dtypes))}; cast "
       "them to one dtype or use packed_state=False"
     )
-  return paths, [jnp.asarray(leaf) for leaf in leaves]
+  return paths, [jnp.asarray(leaf) for leaf in leaves], treedef
 
 
-def _is_packed(leaf: jax.Array) -> bool:
-  return leaf.size < _native.LARGE_LEAF
-
-
-def scale_by_packed_kernel(
-  by_xla: Callable[..., Leaf],
-  accumulator_dtype: np.dtype | None,
-  native: _native.Hyper | None,
+def scale_by_adadelta_packed(
+  update_leaf: Callable[..., tuple], accumulator_dtype: Any, hyper: _native.Hyper | None
 ) -> optax.GradientTransformation:
-  """The packed-state Adadelta around the per-leaf update `by_xla` (and the native kernel).
+  """Adadelta on a packed state; `update_leaf(g, e_g2, e_dx2)` updates one array.
 
-  `by_xla(g, e_g2, e_dx2)` returns `(step, e_g2, e_dx2)` for one array; with `native` (the
-  hyper-parameters as floats) the arrays go through the native kernel where it applies.
+  With `hyper` (ρ, 1−ρ, ε as floats) the arrays go through the native kernel, in one call.
   """
 
   def init_fn(params):
-    paths, leaves = _real_leaves("parameters", params)
+    paths, leaves, treedef = _real_leaves("parameters", params)
     dtype = _checks.state_dtype(paths[0], leaves[0], accumulator_dtype) if leaves else jnp.float32
-    packed = jax.ShapeDtypeStruct((sum(leaf.size for leaf in leaves if _is_packed(leaf)),), dtype)
-    large = [leaf for leaf in leaves if not _is_packed(leaf)]
-
-    def zeros():  # a fresh array each: aliased buffers could not both be donated
-      own = (jnp.zeros_like(leaf, dtype) for leaf in large)  # keeps each leaf's sharding
-      return (jnp.zeros_like(packed), *own)
-
-    return PackedAdadeltaState(e_g2=zeros(), e_dx2=zeros())
-
-  def update_leaf(g, e_g2, e_dx2):
-    if native is not None and _native.supports(g, e_g2, e_dx2):
-      return _native.update(g, e_g2, e_dx2, native, by_xla)
-    return by_xla(g, e_g2, e_dx2)
+    layout = PackedLayout(
+      treedef=treedef,
+      shapes=tuple(tuple(leaf.shape) for leaf in leaves),
+      dtype=str(leaves[0].dtype) if leaves else "float32",
+      packed_below=PACKED_BELOW,
+    )
+    size = sum(leaf.size for leaf, packed in zip(leaves, layout.packed, strict=True) if packed)
+    large = [leaf for leaf, packed in zip(leaves, layout.packed, strict=True) if not packed]
+    # Fresh arrays for each average: aliased buffers could not both be donated.
+    return PackedAdadeltaState(
+      e_g2_packed=jnp.zeros((size,), dtype),
+      e_dx2_packed=jnp.zeros((size,), dtype),
+      e_g2_large=tuple(jnp.zeros_like(leaf, dtype) for leaf in large),  # keeps its sharding
+      e_dx2_large=tuple(jnp.zeros_like(leaf, dtype) for leaf in large),
+      layout=layout,
+    )
 
   def update_fn(updates, state, params=None):
     del params
@@ -108,45 +139,64 @@ def scale_by_packed_kernel(
         f"packed_state=True expects a PackedAdadeltaState, got {type(state).__name__}; "
         "build the state with the same transform's init"
       )
-    _, grads = _real_leaves("gradients", updates)
-    small = [g for g in grads if _is_packed(g)]
-    large = [g for g in grads if not _is_packed(g)]
-    _check_layout(small, large, state)
-    e_g2, e_dx2 = state.e_g2[0], state.e_dx2[0]
-    pieces: Iterator[jax.Array] = iter([])
-    if small:
-      flat = jnp.concatenate([g.ravel() for g in small]) if len(small) > 1 else small[0].ravel()
-      step, e_g2, e_dx2 = update_leaf(flat, e_g2, e_dx2)
-      pieces = iter(jnp.split(step, np.cumsum([g.size for g in small])[:-1]))
-    own = zip(large, state.e_g2[1:], state.e_dx2[1:], strict=True)
-    results = iter([update_leaf(*leaf) for leaf in own])  # one kernel call per large leaf
-    steps, own_e_g2, own_e_dx2 = [], [], []
-    for g in grads:
-      if _is_packed(g):
-        steps.append(next(pieces).reshape(g.shape))
-      else:
-        leaf_step, leaf_e_g2, leaf_e_dx2 = next(results)
-        steps.append(leaf_step)
-        own_e_g2.append(leaf_e_g2)
-        own_e_dx2.append(leaf_e_dx2)
-    new_state = PackedAdadeltaState(e_g2=(e_g2, *own_e_g2), e_dx2=(e_dx2, *own_e_dx2))
-    return jax.tree.unflatten(jax.tree.structure(updates), steps), new_state
+    paths, grads, treedef = _real_leaves("gradients", updates)
+    check_layout(state.layout, paths, grads, treedef)
+    small = [g.ravel() for g, packed in zip(grads, state.layout.packed, strict=True) if packed]
+    large = [g for g, packed in zip(grads, state.layout.packed, strict=True) if not packed]
+    flat = jnp.concatenate(small) if small else jnp.zeros((0,), state.layout.dtype)
+    arrays = (
+      [flat, *large],
+      [state.e_g2_packed, *state.e_g2_large],
+      [state.e_dx2_packed, *state.e_dx2_large],
+    )
+    if hyper is None:
+      results = [update_leaf(*leaf) for leaf in zip(*arrays, strict=True)]
+    else:
+      results = _native.update_tree(*arrays, hyper, update_leaf)
+    (flat_step, e_g2, e_dx2), *large_results = results
+    pieces = iter(jnp.split(flat_step, np.cumsum([s.size for s in small])[:-1]) if small else [])
+    large_iter = iter(large_results)
+    steps = [
+      next(pieces).reshape(g.shape) if packed else next(large_iter)[0]
+      for g, packed in zip(grads, state.layout.packed, strict=True)
+    ]
+    new_state = PackedAdadeltaState(
+      e_g2_packed=e_g2,
+      e_dx2_packed=e_dx2,
+      e_g2_large=tuple(r[1] for r in large_results),
+      e_dx2_large=tuple(r[2] for r in large_results),
+      layout=state.layout,
+    )
+    return treedef.unflatten(steps), new_state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _check_layout(
-  small: list[jax.Array], large: list[jax.Array], state: PackedAdadeltaState
-) -> None:
-  """Whether `state` was built by `init` for gradients of these shapes."""
-  size = sum(g.size for g in small)
-  shapes = [tuple(g.shape) for g in large]
-  held = [tuple(x.shape) for x in state.e_g2[1:]]
-  if size != state.e_g2[0].size or shapes != held:
-    raise ValueError(
-      f"The gradients do not fit the packed state: their leaves below {_native.LARGE_LEAF:,} "
-      f"elements hold "
-      f"{size:,} coordinates and the larger ones have shapes {shapes}, but the state holds "
-      f"{state.e_g2[0].size:,} packed coordinates and arrays of shapes {held}: pass "
-      "gradients shaped like the parameters given to init"
+def check_layout(layout: PackedLayout, paths, grads, treedef) -> None:
+  """Raises unless the gradients have the structure, shapes and dtype the state was built for."""
+  if treedef != layout.treedef:
+    built = [jax.tree_util.keystr(p) for p, _ in _paths_of(layout.treedef)]
+    got = [jax.tree_util.keystr(p) for p in paths]
+    first = next(
+      (i for i, (a, b) in enumerate(zip(built, got, strict=False)) if a != b),
+      min(len(built), len(got)),
     )
+    where = lambda names: names[first] if first < len(names) else "(no more leaves)"
+    raise ValueError(
+      "The gradients do not have the structure of the parameters that built the packed "
+      f"state: the first difference is leaf {first}, {where(got)} in the gradients but "
+      f"{where(built)} in the state.\n  gradients: {treedef}\n  state:     {layout.treedef}\n"
+      "Pass gradients shaped like the parameters given to init, or call init again."
+    )
+  for path, g, shape in zip(paths, grads, layout.shapes, strict=True):
+    if tuple(g.shape) != shape or str(g.dtype) != layout.dtype:
+      raise ValueError(
+        f"The gradient at {jax.tree_util.keystr(path) or 'the root'} has shape {tuple(g.shape)} "
+        f"and dtype {g.dtype}, but the packed state was built for shape {shape} and dtype "
+        f"{layout.dtype}: pass gradients shaped like the parameters given to init."
+      )
+
+
+def _paths_of(treedef) -> list:
+  dummy = treedef.unflatten([0] * treedef.num_leaves)
+  return jax.tree_util.tree_flatten_with_path(dummy)[0]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
-import jax.numpy as jnp
 import optax
 
 from optax_adadelta import _adadelta, _checks
@@ -19,47 +18,6 @@ from optax_adadelta.transforms import accumulate_gradients, clip_by_leaf_norm, p
 GradientTransformation: TypeAlias = optax.GradientTransformationExtraArgs
 
 TFJS_CPU_EPSILON = 1e-7  # tfjs-core 4.22 backends/backend.js: EPSILON_FLOAT32
-
-
-def _pytorch_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  # torch/optim/adadelta.py (2.13), _single_tensor_adadelta: mul_(rho).addcmul_(g, g, 1 - rho)
-  e_g2 = e_g2 * rho + one_minus_rho * g * g
-  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
-  return step, e_g2, e_dx2 * rho + one_minus_rho * step * step
-
-
-def _keras_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  # keras/src/optimizers/adadelta.py (3.15): -(rms(E[Δx²]) · g) / rms(E[g²])
-  e_g2 = rho * e_g2 + one_minus_rho * jnp.square(g)
-  step = (jnp.sqrt(e_dx2 + eps) * g) / jnp.sqrt(e_g2 + eps)
-  return step, e_g2, rho * e_dx2 + one_minus_rho * jnp.square(step)
-
-
-def _tfjs_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  # tfjs-core 4.22 optimizers/adadelta_optimizer.js: the step divides by the *previous*
-  # accumulatedGrad (the variable is assigned only after the step is computed).
-  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
-  e_g2 = e_g2 * rho + jnp.square(g) * one_minus_rho
-  return step, e_g2, e_dx2 * rho + jnp.square(step) * one_minus_rho
-
-
-def _tf1_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  # tensorflow/core/kernels/training_ops.cc, ApplyAdadelta: sqrt(E[Δx²]+ε) · rsqrt(E[g²]+ε) · g
-  e_g2 = e_g2 * rho + jnp.square(g) * one_minus_rho
-  step = jnp.sqrt(e_dx2 + eps) * jnp.reciprocal(jnp.sqrt(e_g2 + eps)) * g
-  return step, e_g2, e_dx2 * rho + jnp.square(step) * one_minus_rho
-
-
-def _d2l_order(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  # d2l §12.9 listing: g = sqrt(delta + eps) / sqrt(s + eps) * grad
-  e_g2 = rho * e_g2 + one_minus_rho * (g * g)
-  step = jnp.sqrt(e_dx2 + eps) / jnp.sqrt(e_g2 + eps) * g
-  return step, e_g2, rho * e_dx2 + one_minus_rho * (step * step)
-
-
-def _plain(kernel, learning_rate, rho, eps, *, weight_decay=0.0, maximize=False):
-  core = _adadelta.scale_by_kernel(kernel, rho, eps, None)
-  return _adadelta.descend_with(core, learning_rate, weight_decay, None, False, maximize)
 
 
 def _check_common(learning_rate_name, learning_rate, rho, eps_name, eps):
@@ -87,7 +45,9 @@ def pytorch(
   _check_common("lr", lr, rho, "eps", eps)
   _checks.check_learning_rate_like("weight_decay", weight_decay)
   _checks.check_flag("maximize", maximize)
-  return _plain(_pytorch_order, lr, rho, eps, weight_decay=weight_decay, maximize=maximize)
+  return _adadelta.adadelta(
+    lr, rho, eps, weight_decay=weight_decay, maximize=maximize, update_rule="pytorch"
+  )
 
 
 def tfjs(
@@ -101,19 +61,19 @@ def tfjs(
   """
   epsilon = TFJS_CPU_EPSILON if epsilon is None else epsilon
   _check_common("learning_rate", learning_rate, rho, "epsilon", epsilon)
-  return _plain(_tfjs_order, learning_rate, rho, epsilon)
+  return _adadelta.adadelta(learning_rate, rho, epsilon, update_rule="tfjs")
 
 
 def tf1(learning_rate: Any = 0.001, rho: Any = 0.95, epsilon: Any = 1e-8) -> GradientTransformation:
   """``tf.compat.v1.train.AdadeltaOptimizer`` / the ``ApplyAdadelta`` kernel (ε = 1e-8)."""
   _check_common("learning_rate", learning_rate, rho, "epsilon", epsilon)
-  return _plain(_tf1_order, learning_rate, rho, epsilon)
+  return _adadelta.adadelta(learning_rate, rho, epsilon, update_rule="tf1")
 
 
 def d2l(rho: Any = 0.9, eps: Any = 1e-5) -> GradientTransformation:
   """The from-scratch Adadelta of "Dive into Deep Learning" §12.9 (no learning rate)."""
   _check_common("learning_rate", 1.0, rho, "eps", eps)
-  return _plain(_d2l_order, 1.0, rho, eps)
+  return _adadelta.adadelta(1.0, rho, eps, update_rule="d2l")
 
 
 def keras(
@@ -185,7 +145,7 @@ def keras(
     clip = [optax.clip_by_global_norm(global_clipnorm)]
   elif clipvalue and clipvalue > 0:
     clip = [optax.clip(clipvalue)]
-  core = _adadelta.scale_by_kernel(_keras_order, rho, epsilon, None)
+  core = _adadelta.scale_by_adadelta(rho, epsilon, update_rule="keras")
   inner: optax.GradientTransformation = optax.chain(
     *clip,
     core,
