@@ -7,7 +7,9 @@ Per-device bytes are read from the arrays' shards and from the compiled step's m
 analysis, and compared with numbers worked out by hand from the shapes.
 """
 
+import importlib.util
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -356,3 +358,19 @@ def test_bad_mesh_or_axis_is_refused_naming_it(mesh, axis, error, match):
     zero.state_shardings(state, mesh, axis)
   with pytest.raises(error, match=match):
     zero.shard_gradients(state, mesh, axis)
+
+
+def test_the_example_splits_its_state_eight_ways_and_trains_like_the_replicated_run():
+  path = Path(__file__).resolve().parents[1] / "examples" / "zero_data_parallel.py"
+  spec = importlib.util.spec_from_file_location("zero_data_parallel_example", path)
+  example = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(example)
+  mesh = _mesh(AxisType.Auto)
+  with jax.set_mesh(mesh):
+    plain, split = (example.train(mesh, 3, 64, zero) for zero in (False, True))
+  # w1, b1, w2: 19,200 float32 per average, split; b2: 10, whole.
+  assert max(zero.per_device_bytes(plain[1]).values()) == 2 * 4 * (19_200 + 10)
+  assert max(zero.per_device_bytes(split[1]).values()) == 2 * 4 * (19_200 // 8 + 10)
+  for got, want in zip(jax.tree.leaves(split[0]), jax.tree.leaves(plain[0]), strict=True):
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+  assert split[2][-1] < split[2][0]
