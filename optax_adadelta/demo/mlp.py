@@ -25,7 +25,13 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {"tanh": jnp.tanh, "r
 
 
 def layer_sizes(num_inputs: int, num_classes: int = 10) -> tuple[int, ...]:
-  """The paper's layer sizes for inputs of `num_inputs` pixels."""
+  """The paper's layer sizes for inputs of `num_inputs` pixels.
+
+  Examples:
+    >>> from optax_adadelta.demo import mlp
+    >>> mlp.layer_sizes(28 * 28)
+    (784, 500, 300, 10)
+  """
   return (num_inputs, *HIDDEN, num_classes)
 
 
