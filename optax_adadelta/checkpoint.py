@@ -9,20 +9,37 @@ shape. :func:`save` therefore records a signature of every leaf (path, dtype, sh
 optional ``config`` of hyper-parameters, and :func:`restore` compares both with the target
 before reading anything, raising a :class:`ValueError` that lists each difference.
 
+The arrays go to disk without checksums (tensorstore's zarr chunks here are not compressed
+or checked: a flipped byte reads back as a wrong number). :func:`save` therefore also
+records two 32-bit checksums of every array's bytes, computed on the global array (so they
+do not depend on how it is sharded), and :func:`restore` recomputes them on what it read:
+any changed byte in an array file fails the restore, naming the checkpoint and the leaf.
+A metadata file cut short or garbled fails with the checkpoint's name and orbax's reason.
+Not detected: a checkpoint replaced as a whole by another valid one of the same shapes.
+
+Crash safety is orbax's: each checkpoint is written to a temporary directory and renamed
+when complete, so a process killed during :func:`save` leaves no checkpoint at
+``directory`` and every earlier one intact. ``overwrite=True`` is the exception: orbax
+deletes the old checkpoint before writing. :class:`Checkpoints` (orbax's
+``CheckpointManager``) writes each step to its own directory, keeps the last few and
+restores the latest complete one: use it for periodic checkpoints of a long run.
+
 Needs the ``checkpoint`` extra: ``pip install "optax-adadelta[checkpoint]"``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 _KEY = "optax_adadelta"
 
@@ -51,6 +68,99 @@ def _signature(tree: Any) -> dict[str, str]:
 
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(path): describe(leaf) for path, leaf in leaves}
+
+
+# Checksums ----------------------------------------------------------------------------
+
+_MASK = np.uint64(0xFFFFFFFF)
+_BLOCK = 1 << 22  # words per NumPy pass, to bound the temporaries
+
+
+def _words(x: np.ndarray) -> np.ndarray:
+  """The bytes of `x` as 32-bit words held in uint64; 8-byte and complex values get
+  trailing axes (little-endian order, as stored)."""
+  if np.iscomplexobj(x):
+    x = np.stack([x.real, x.imag], axis=-1)
+  x = np.ascontiguousarray(x)
+  size = x.dtype.itemsize
+  if size == 8:
+    return x.view(np.uint32).reshape(*x.shape, 2).astype(np.uint64)
+  if size in (1, 2, 4):
+    return x.view(f"u{size}").astype(np.uint64)
+  raise TypeError(f"cannot checksum dtype {x.dtype}")
+
+
+def _partial_digest(
+  block: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]
+) -> np.ndarray:
+  """Two sums mod 2³² over one block of words at `start` in an array of words of `shape`,
+  each word weighted by its position there. The sums do not depend on how the array is cut
+  into shards and blocks, and a flipped bit always changes the first (its weight is odd)."""
+  index = np.zeros((), np.uint64)
+  for axis, (offset, length) in enumerate(zip(start, shape, strict=True)):
+    coordinate = np.arange(offset, offset + block.shape[axis], dtype=np.uint64)
+    index = index * np.uint64(length) + coordinate.reshape((-1,) + (1,) * (len(shape) - axis - 1))
+  index &= _MASK
+  weighted = np.sum(block * (2 * index + 1), dtype=np.uint64) & _MASK
+  mixed = ((block ^ ((index * np.uint64(0x9E3779B9)) & _MASK)) * np.uint64(0x85EBCA6B)) & _MASK
+  mixed ^= mixed >> np.uint64(16)
+  return np.array([weighted, np.sum(mixed, dtype=np.uint64) & _MASK], np.uint64)
+
+
+def _digest(leaf: Any) -> np.ndarray:
+  """This process's part of a leaf's digest: its shards that are first replicas."""
+  if not isinstance(leaf, jax.Array):
+    leaf = np.asarray(leaf)
+    pieces = [((slice(None),) * leaf.ndim, leaf)]
+  else:
+    pieces = [(s.index, s.data) for s in leaf.addressable_shards if s.replica_id == 0]
+  total = np.zeros(2, np.uint64)
+  for index, data in pieces:
+    words = _words(np.asarray(data))
+    start = tuple(sl.start or 0 for sl in index) + (0,) * (words.ndim - len(index))
+    shape = tuple(leaf.shape) + words.shape[len(index) :]
+    rows = max(1, _BLOCK // max(1, words[0].size)) if words.ndim else 1
+    for row in range(0, max(1, len(words)) if words.ndim else 1, rows):
+      block = words[row : row + rows] if words.ndim else words
+      offset = (start[0] + row, *start[1:]) if words.ndim else start
+      total += _partial_digest(block, offset, shape)
+  return total & _MASK
+
+
+def _checksums(tree: Any) -> dict[str, str]:
+  """``{path: 16 hex digits}`` for every array leaf; every process must call it."""
+  paths, digests = [], []
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if hasattr(leaf, "dtype"):
+      paths.append(jax.tree_util.keystr(path))
+      digests.append(_digest(leaf))
+  total = np.array(digests, np.uint64).reshape(-1, 2)
+  if jax.process_count() > 1:  # each process summed its own shards
+    gathered = multihost_utils.process_allgather(total.astype(np.uint32))
+    total = np.sum(np.asarray(gathered, np.uint64), axis=0, dtype=np.uint64) & _MASK
+  return {path: f"{int(a):08x}{int(b):08x}" for path, (a, b) in zip(paths, total, strict=True)}
+
+
+# Errors -------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _reading(where: str, directory: str) -> Iterator[None]:
+  """Orbax's and tensorstore's errors on a damaged checkpoint, as one that names it."""
+  try:
+    yield
+  except Exception as error:  # tensorstore raises plain Exceptions; JSON and OS errors too
+    reason = " ".join(str(error).split())
+    reason = reason if len(reason) <= 400 else reason[:400] + " ..."
+    if "://" not in directory and not os.path.exists(directory):
+      raise ValueError(
+        f"There is no checkpoint at {where}: the directory does not exist (a save that was "
+        "interrupted leaves only a temporary directory next to it)."
+      ) from error
+    raise ValueError(
+      f"The checkpoint at {where} cannot be read, damaged or incomplete? "
+      f"{type(error).__name__}: {reason} -- restore an earlier checkpoint."
+    ) from error
 
 
 def _concrete(leaf: Any) -> Any:
@@ -83,6 +193,22 @@ def _json_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
     ) from err
 
 
+def _tree(params: Any, opt_state: Any, step: int) -> dict[str, Any]:
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
+    raise TypeError(f"step must be a Python int, got {step!r}")
+  return {"params": params, "opt_state": opt_state, "step": int(step)}
+
+
+def _record(tree: Any, config: Mapping[str, Any] | None) -> dict[str, Any]:
+  return {
+    _KEY: {
+      "signature": _signature(tree),
+      "config": _json_config(config),
+      "checksums": _checksums(tree),
+    }
+  }
+
+
 def save(
   directory: str | os.PathLike,
   params: optax.Params,
@@ -94,7 +220,9 @@ def save(
 ) -> None:
   """Writes a checkpoint of ``(params, opt_state, step)`` into a new ``directory``.
 
-  Every process of a multi-process run must call it with its (global) arrays.
+  Every process of a multi-process run must call it with its (global) arrays. The
+  checkpoint appears at ``directory`` only once complete (orbax writes a temporary
+  directory and renames it), so a crash during the save leaves earlier checkpoints intact.
 
   Args:
     directory: where to write; must not exist unless ``overwrite``.
@@ -103,14 +231,24 @@ def save(
     step: the number of updates applied so far.
     config: optional hyper-parameters (JSON values) that :func:`restore` will require
       to be equal, e.g. ``{"rho": 0.95, "eps": 1e-6, "learning_rate": 1.0}``.
-    overwrite: replace an existing checkpoint at ``directory``.
+    overwrite: replace an existing checkpoint at ``directory``. Orbax deletes the old one
+      first, so a crash during this save loses both: prefer a new directory per save
+      (:class:`Checkpoints`).
+
+  Raises:
+    ValueError: ``directory`` exists and ``overwrite`` is False.
+    TypeError: ``step`` is not an int, or ``config`` holds values JSON cannot represent.
   """
-  if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
-    raise TypeError(f"step must be a Python int, got {step!r}")
-  tree = {"params": params, "opt_state": opt_state, "step": int(step)}
-  metadata = {_KEY: {"signature": _signature(tree), "config": _json_config(config)}}
+  tree = _tree(params, opt_state, step)
+  metadata = _record(tree, config)
+  directory = _absolute(directory)
+  if not overwrite and os.path.exists(directory):
+    raise ValueError(
+      f"directory {directory} already exists; pass overwrite=True to replace the "
+      "checkpoint there, or save to a new directory"
+    )
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(_absolute(directory), tree, force=overwrite, custom_metadata=metadata)
+    checkpointer.save(directory, tree, force=overwrite, custom_metadata=metadata)
 
 
 def _mismatches(saved: Mapping[str, str], wanted: Mapping[str, str]) -> list[str]:
@@ -125,6 +263,55 @@ def _mismatches(saved: Mapping[str, str], wanted: Mapping[str, str]) -> list[str
   return lines
 
 
+def _check_fit(
+  where: str, recorded: Any, target: Any, config: Mapping[str, Any] | None
+) -> Mapping[str, Any]:
+  """Refuses, before reading any array, a checkpoint that does not fit the templates;
+  returns what save recorded."""
+  if not isinstance(recorded, Mapping) or "signature" not in recorded:
+    raise ValueError(
+      f"{where} was not written by optax_adadelta.checkpoint.save (no signature "
+      "recorded in its metadata); restore it with orbax directly."
+    )
+  problems = _mismatches(recorded["signature"], _signature(target))
+  if problems:
+    raise ValueError(
+      f"The checkpoint at {where} does not fit the params and opt_state given to "
+      "restore (a different model, optimizer configuration or accumulator dtype?):\n"
+      + "\n".join(problems)
+      + "\nBuild the templates with the parameters and optimizer the checkpoint was saved with."
+    )
+  wanted = _json_config(config)
+  if wanted is not None and recorded["config"] is None:
+    raise ValueError(
+      f"The checkpoint at {where} was saved without a config, but restore was given "
+      f"config {wanted}: nothing recorded can confirm these hyper-parameters. Restore "
+      "without config (and check them yourself), or save with config next time."
+    )
+  if wanted is not None and wanted != recorded["config"]:
+    raise ValueError(
+      f"The checkpoint at {where} was saved with config {recorded['config']}, "
+      f"but restore was given config {wanted}. Resume with the saved hyper-parameters."
+    )
+  return recorded
+
+
+def _check_contents(where: str, recorded: Mapping[str, Any], restored: Any) -> None:
+  """Refuses arrays whose bytes differ from those saved (checkpoints with checksums)."""
+  saved = recorded.get("checksums")
+  if saved is None:
+    return
+  read = _checksums(restored)
+  damaged = sorted(path for path in saved if read.get(path) != saved[path])
+  if damaged:
+    raise ValueError(
+      f"The checkpoint at {where} is corrupted: the bytes read back for "
+      f"{', '.join(damaged)} differ from those saved (checksum {read.get(damaged[0])} "
+      f"read, {saved[damaged[0]]} saved). Its array files were changed after the save; "
+      "restore an earlier checkpoint."
+    )
+
+
 def restore(
   directory: str | os.PathLike,
   params: optax.Params,
@@ -133,6 +320,11 @@ def restore(
   config: Mapping[str, Any] | None = None,
 ) -> TrainState:
   """Reads a checkpoint written by :func:`save` into the structure of the templates.
+
+  The checkpoint may have been written by any number of processes with any shardings:
+  each array is read into its template's sharding (for example, a 2-process checkpoint
+  into one process, or a replicated state into the ZeRO layout of
+  :func:`optax_adadelta.sharding.state_shardings`).
 
   Args:
     directory: a checkpoint written by :func:`save`.
@@ -148,30 +340,118 @@ def restore(
 
   Raises:
     ValueError: the checkpoint's leaves (paths, dtypes, shapes) or config differ from the
-      templates'; the message lists every difference.
+      templates'; the message lists every difference. Or the checkpoint is missing,
+      damaged (a metadata file cut short) or corrupted (array bytes changed since the
+      save); the message names the checkpoint and what is wrong.
   """
   directory = _absolute(directory)
   target = {"params": params, "opt_state": opt_state, "step": 0}
   with ocp.StandardCheckpointer() as checkpointer:
-    recorded = (checkpointer.metadata(directory).custom_metadata or {}).get(_KEY)
-    if recorded is None:
-      raise ValueError(
-        f"{directory} was not written by optax_adadelta.checkpoint.save (no signature "
-        "recorded); restore it with orbax directly."
-      )
-    problems = _mismatches(recorded["signature"], _signature(target))
-    if problems:
-      raise ValueError(
-        f"The checkpoint at {directory} does not fit the params and opt_state given to "
-        "restore (a different model, optimizer configuration or accumulator dtype?):\n"
-        + "\n".join(problems)
-        + "\nBuild the templates with the parameters and optimizer the checkpoint was saved with."
-      )
-    wanted = _json_config(config)
-    if wanted is not None and wanted != recorded["config"]:
-      raise ValueError(
-        f"The checkpoint at {directory} was saved with config {recorded['config']}, "
-        f"but restore was given config {wanted}. Resume with the saved hyper-parameters."
-      )
-    restored = checkpointer.restore(directory, jax.tree.map(_concrete, target))
+    with _reading(directory, directory):
+      recorded = (checkpointer.metadata(directory).custom_metadata or {}).get(_KEY)
+    recorded = _check_fit(directory, recorded, target, config)
+    abstract = jax.tree.map(_concrete, target)
+    with _reading(directory, directory):
+      restored = checkpointer.restore(directory, abstract)
+  _check_contents(directory, recorded, restored)
   return TrainState(restored["params"], restored["opt_state"], int(restored["step"]))
+
+
+class Checkpoints:
+  """Periodic checkpoints of one run in ``directory/<step>``: orbax's ``CheckpointManager``
+  with the signature, config and checksum checks of :func:`save` and :func:`restore`.
+
+  Each step is written to a temporary directory and renamed when complete, so a crash
+  during a save leaves the earlier steps restorable and :meth:`restore` takes the latest
+  complete one. Only the last ``max_to_keep`` steps are kept.
+
+    with checkpoint.Checkpoints("/ckpt", max_to_keep=3) as checkpoints:
+      if checkpoints.latest_step() is not None:
+        params, opt_state, start = checkpoints.restore(abstract_params, abstract_state)
+      ...
+      checkpoints.save(params, opt_state, step)
+
+  Every process of a multi-process run must make the same calls.
+
+  Args:
+    directory: the run's checkpoint directory (created if missing).
+    max_to_keep: how many of the latest steps to keep; ``None`` keeps all.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3):
+    if max_to_keep is not None and (
+      isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+    ):
+      raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
+    self.directory = _absolute(directory)
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep, enable_async_checkpointing=False
+    )
+    self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def __enter__(self) -> Checkpoints:
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self.close()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def all_steps(self) -> list[int]:
+    """The steps of the complete checkpoints, in increasing order."""
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    """The latest complete step, or None if there is none yet."""
+    return self._manager.latest_step()
+
+  def save(
+    self,
+    params: optax.Params,
+    opt_state: optax.OptState,
+    step: int,
+    *,
+    config: Mapping[str, Any] | None = None,
+  ) -> None:
+    """Writes ``directory/<step>`` (as :func:`save` does), then drops the oldest steps
+    beyond ``max_to_keep``. Raises ValueError if that step is already saved."""
+    tree = _tree(params, opt_state, step)
+    if tree["step"] in self._manager.all_steps():
+      raise ValueError(
+        f"step {tree['step']} is already saved in {self.directory}; checkpoints of one run "
+        "have increasing steps"
+      )
+    self._manager.save(
+      tree["step"], args=ocp.args.StandardSave(tree), custom_metadata=_record(tree, config)
+    )
+    self._manager.wait_until_finished()
+
+  def restore(
+    self,
+    params: optax.Params,
+    opt_state: optax.OptState,
+    *,
+    step: int | None = None,
+    config: Mapping[str, Any] | None = None,
+  ) -> TrainState:
+    """Reads ``step`` (by default the latest complete one) into the templates' structure
+    and shardings, with the checks of :func:`restore`."""
+    steps = self.all_steps()
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise ValueError(f"There is no complete checkpoint in {self.directory} to restore")
+    elif step not in steps:
+      raise ValueError(f"step {step!r} is not saved in {self.directory}; saved steps: {steps}")
+    where = f"{self.directory}, step {step} (steps saved: {steps})"
+    target = {"params": params, "opt_state": opt_state, "step": 0}
+    path = os.path.join(self.directory, str(step))
+    with _reading(where, path):
+      recorded = (self._manager.metadata(step).custom_metadata or {}).get(_KEY)
+    recorded = _check_fit(where, recorded, target, config)
+    abstract = jax.tree.map(_concrete, target)
+    with _reading(where, path):
+      restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    _check_contents(where, recorded, restored)
+    return TrainState(restored["params"], restored["opt_state"], int(restored["step"]))

@@ -6,6 +6,7 @@ The resumed runs are compared with uninterrupted ones bit for bit.
 """
 
 import pickle
+import re
 
 import flax.serialization
 import jax
@@ -139,7 +140,6 @@ def _save_small(directory, tx, config=None):
 
 OTHER_OPTIMIZERS = {
   "maximize": optax_adadelta.adadelta(maximize=True),
-  "coupled_decay": optax_adadelta.adadelta(weight_decay=0.1),
   "bfloat16_state": optax_adadelta.adadelta(accumulator_dtype=jnp.bfloat16),
   "inject_hyperparams": optax.inject_hyperparams(optax_adadelta.adadelta)(),
   "optax_adadelta": optax.adadelta(1.0),
@@ -163,11 +163,11 @@ def test_restore_of_a_float32_state_into_bfloat16_names_both_dtypes(tmp_path):
   bf16_state = optax_adadelta.adadelta(accumulator_dtype=jnp.bfloat16).init(params)
   with pytest.raises(ValueError) as error:
     checkpoint.restore(tmp_path / "ckpt", params, bf16_state)
-  message = str(error.value)
-  assert (
-    "['opt_state'][0].e_g2['w']: float32[3,2] in the checkpoint, bfloat16[3,2] in the target"
-    in message
-  )
+  assert re.search(
+    r"\['opt_state'\]\[\d\]\.e_g2\['w'\]: "
+    r"float32\[3,2\] in the checkpoint, bfloat16\[3,2\] in the target",
+    str(error.value),
+  ), str(error.value)
 
 
 @pytest.mark.parametrize(
@@ -197,16 +197,16 @@ def test_restore_into_another_tree_structure_fails_naming_the_leaf(params, expec
   assert expected in str(error.value)
 
 
-def test_restore_with_other_hyper_parameters_fails_although_the_states_look_alike(tmp_path):
-  saved = {"rho": 0.95, "eps": 1e-6, "decoupled_weight_decay": False}
+@pytest.mark.parametrize("other", [{"rho": 0.9}, {"weight_decay": 0.1}])
+def test_restore_with_other_hyper_parameters_fails_although_the_states_look_alike(other, tmp_path):
+  saved = {"rho": 0.95, "eps": 1e-6, "weight_decay": 0.0}
   params, opt_state = _save_small(tmp_path / "ckpt", optax_adadelta.adadelta(), config=saved)
-  other = {**saved, "rho": 0.9}
-  assert jax.tree.structure(optax_adadelta.adadelta(rho=0.9).init(params)) == jax.tree.structure(
-    opt_state
-  )
-  with pytest.raises(
-    ValueError, match=r"saved with config .*'rho': 0\.95.* given config .*'rho': 0\.9"
-  ):
+  look_alike = optax_adadelta.adadelta(**other).init(params)
+  assert jax.tree.structure(look_alike) == jax.tree.structure(opt_state)
+  # Without a config, nothing could tell them apart.
+  checkpoint.restore(tmp_path / "ckpt", params, look_alike)
+  other = {**saved, **other}
+  with pytest.raises(ValueError, match=r"saved with config .*0\.95.* given config "):
     checkpoint.restore(tmp_path / "ckpt", params, opt_state, config=other)
   restored = checkpoint.restore(tmp_path / "ckpt", params, opt_state, config=saved)
   assert restored.step == 7
