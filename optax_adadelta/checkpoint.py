@@ -134,10 +134,10 @@ def _checksums(tree: Any) -> dict[str, str]:
     if hasattr(leaf, "dtype"):
       paths.append(jax.tree_util.keystr(path))
       digests.append(_digest(leaf))
-  total = np.array(digests, np.uint64).reshape(-1, 2)
+  total: np.ndarray = np.array(digests, np.uint64).reshape(-1, 2)
   if jax.process_count() > 1:  # each process summed its own shards
-    gathered = multihost_utils.process_allgather(total.astype(np.uint32))
-    total = np.sum(np.asarray(gathered, np.uint64), axis=0, dtype=np.uint64) & _MASK
+    gathered = np.asarray(multihost_utils.process_allgather(total.astype(np.uint32)), np.uint64)
+    total = np.asarray(np.sum(gathered, axis=0, dtype=np.uint64) & _MASK)
   return {path: f"{int(a):08x}{int(b):08x}" for path, (a, b) in zip(paths, total, strict=True)}
 
 
@@ -263,16 +263,42 @@ def _mismatches(saved: Mapping[str, str], wanted: Mapping[str, str]) -> list[str
   return lines
 
 
+def _why_unrecorded(directory: str) -> str:
+  """Why a checkpoint's metadata holds no signature: the file is damaged, or not ours."""
+  path = os.path.join(directory, "_CHECKPOINT_METADATA")
+  if "://" not in directory and not os.path.isdir(directory):
+    return (
+      "does not exist: there is no directory there (a save that was interrupted leaves "
+      "only a temporary directory next to it)."
+    )
+  if "://" not in directory:
+    try:
+      with open(path, encoding="utf-8") as file:
+        json.load(file)
+    except FileNotFoundError:
+      return f"has no metadata file {path} (deleted, or not copied?); restore an earlier one."
+    except (ValueError, OSError) as error:
+      return (
+        f"has a damaged metadata file {path} (cut short or garbled: {error}); "
+        "restore an earlier checkpoint."
+      )
+  return (
+    "was not written by optax_adadelta.checkpoint.save (no signature recorded in its "
+    "metadata); restore it with orbax directly."
+  )
+
+
 def _check_fit(
-  where: str, recorded: Any, target: Any, config: Mapping[str, Any] | None
+  where: str,
+  directory: str,
+  recorded: Any,
+  target: Any,
+  config: Mapping[str, Any] | None,
 ) -> Mapping[str, Any]:
   """Refuses, before reading any array, a checkpoint that does not fit the templates;
   returns what save recorded."""
   if not isinstance(recorded, Mapping) or "signature" not in recorded:
-    raise ValueError(
-      f"{where} was not written by optax_adadelta.checkpoint.save (no signature "
-      "recorded in its metadata); restore it with orbax directly."
-    )
+    raise ValueError(f"The checkpoint at {where} {_why_unrecorded(directory)}")
   problems = _mismatches(recorded["signature"], _signature(target))
   if problems:
     raise ValueError(
@@ -349,7 +375,7 @@ def restore(
   with ocp.StandardCheckpointer() as checkpointer:
     with _reading(directory, directory):
       recorded = (checkpointer.metadata(directory).custom_metadata or {}).get(_KEY)
-    recorded = _check_fit(directory, recorded, target, config)
+    recorded = _check_fit(directory, directory, recorded, target, config)
     abstract = jax.tree.map(_concrete, target)
     with _reading(directory, directory):
       restored = checkpointer.restore(directory, abstract)
@@ -385,7 +411,9 @@ class Checkpoints:
       raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
     self.directory = _absolute(directory)
     options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep, enable_async_checkpointing=False
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=False,
+      cleanup_tmp_directories=True,  # what a killed save left behind
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -449,7 +477,7 @@ class Checkpoints:
     path = os.path.join(self.directory, str(step))
     with _reading(where, path):
       recorded = (self._manager.metadata(step).custom_metadata or {}).get(_KEY)
-    recorded = _check_fit(where, recorded, target, config)
+    recorded = _check_fit(where, path, recorded, target, config)
     abstract = jax.tree.map(_concrete, target)
     with _reading(where, path):
       restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
