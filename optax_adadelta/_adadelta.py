@@ -30,6 +30,12 @@ class ScaleByAdadeltaState(NamedTuple):
   e_dx2: optax.Params
 
 
+# So that a `jax.export`-ed step taking this state can be serialized.
+jax.export.register_namedtuple_serialization(
+  ScaleByAdadeltaState, serialized_name="optax_adadelta.ScaleByAdadeltaState"
+)
+
+
 def scale_by_adadelta(
   rho: Scalar = 0.95,
   eps: Scalar = 1e-6,

@@ -211,7 +211,8 @@ def _batch(args, dims, *, hyper, rule):
 
 def _jvp(primals, tangents, *, hyper, rule):
   tangents = [ad.instantiate_zeros(t) for t in tangents]
-  return jax.jvp(functools.partial(_by_rule, rule=rule), list(primals), tangents)
+  _, tangents_out = jax.jvp(functools.partial(_by_rule, rule=rule), list(primals), tangents)
+  return _update_p.bind(*primals, hyper=hyper, rule=rule), tangents_out
 
 
 _update_p = Primitive(_TARGET)
@@ -219,9 +220,7 @@ _update_p.multiple_results = True
 _update_p.def_impl(jax.jit(_update_p.bind, static_argnames=("hyper", "rule")))
 _update_p.def_abstract_eval(lambda *avals, hyper, rule: list(avals))
 mlir.register_lowering(_update_p, mlir.lower_fun(_by_rule, multiple_results=True))
-# Not cacheable: a cached lowering is emitted without the device assignment that
-# custom_partitioning needs.
-mlir.register_lowering(_update_p, _cpu_lowering, platform="cpu", cacheable=False)
+mlir.register_lowering(_update_p, _cpu_lowering, platform="cpu")
 try:  # private: jit then lowers with the device assignment that custom_partitioning needs
   from jax._src import dispatch as _dispatch
 

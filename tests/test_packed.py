@@ -15,6 +15,7 @@ import pytest
 import optax_adadelta
 from optax_adadelta import checkpoint
 from tests import reference
+from tests.sharding_checks import needs_eight_devices
 
 DTYPES = {  # parameter dtype, accumulator dtype
   "f32": (jnp.float32, None),
@@ -74,7 +75,10 @@ def test_packed_state_gives_the_same_bits_as_the_per_leaf_state(implementation, 
     np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
   assert isinstance(packed_state[1], optax_adadelta.PackedAdadeltaState)
   for field in ("e_g2", "e_dx2"):
-    arrays = getattr(packed_state[1], field)
+    arrays = [
+      getattr(packed_state[1], f"{field}_packed"),
+      *getattr(packed_state[1], f"{field}_large"),
+    ]
     assert [x.shape for x in arrays] == [(33 * 5 + 7 + 1 + 0,), (300_007,)]
     assert all(x.dtype == (accumulator or dtype) for x in arrays)
     for got, want in zip(arrays, _packed_layout(per_leaf_state, field), strict=True):
@@ -95,7 +99,7 @@ def test_packed_trajectory_follows_the_float64_reference():
   for got, expected in zip(x, want.params, strict=True):
     np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
   flat_e_dx2 = np.concatenate([e.ravel() for e in want.e_dx2])
-  np.testing.assert_allclose(state[0].e_dx2[0], flat_e_dx2, rtol=2e-6, atol=1e-12)
+  np.testing.assert_allclose(state[1].e_dx2_packed, flat_e_dx2, rtol=2e-6, atol=1e-12)
 
 
 def test_a_thousand_leaves_pass_two_state_arrays_through_the_step():
@@ -173,17 +177,37 @@ def test_init_refuses_what_a_packed_state_cannot_hold(tree, error, message):
     optax_adadelta.adadelta(packed_state=True).init(tree)
 
 
-def test_update_refuses_gradients_of_another_size_and_a_per_leaf_state():
+@pytest.mark.parametrize(
+  ("grads", "message"),
+  [
+    ({"a": jnp.ones(3), "b": jnp.ones(4)}, r"\['a'\] has shape \(3,\) .* built for shape \(4,\)"),
+    (
+      {"a": jnp.ones(4), "b": jnp.ones(3), "z": jnp.ones(0)},
+      r"first difference is leaf 2, \['z'\] in the gradients but \(no more leaves\)",
+    ),
+    ({"a": jnp.ones((2, 2)), "b": jnp.ones(3)}, r"\['a'\] has shape \(2, 2\) .* shape \(4,\)"),
+    ({"a": jnp.ones(4, jnp.bfloat16), "b": jnp.ones(3, jnp.bfloat16)}, r"dtype bfloat16, but"),
+    ({"b": jnp.ones(3), "c": jnp.ones(4)}, r"leaf 0, \['b'\] in the gradients but \['a'\]"),
+    ([jnp.ones(4), jnp.ones(3)], r"first difference is leaf 0, \[0\] in the gradients but \['a'\]"),
+  ],
+  ids=["sizes-swapped", "extra-empty-leaf", "reshaped", "dtype", "renamed", "list-not-dict"],
+)
+def test_update_refuses_gradients_unlike_the_parameters_naming_the_first_difference(grads, message):
+  """Same total size is not enough: structure, shapes and dtype must be those of init."""
   tx = optax_adadelta.adadelta(packed_state=True)
-  state = tx.init({"a": jnp.ones(3)})
-  with pytest.raises(ValueError, match=r"hold 4 coordinates .* the state holds 3 packed"):
-    tx.update({"a": jnp.ones(4)}, state)
-  state = tx.init({"a": jnp.ones(3), "big": jnp.ones((512, 513))})
-  with pytest.raises(ValueError, match=r"shapes \[\(513, 512\)\], but .* shapes \[\(512, 513\)\]"):
-    tx.update({"a": jnp.ones(3), "big": jnp.ones((513, 512))}, state)
+  state = tx.init({"a": jnp.ones(4), "b": jnp.ones(3)})
+  with pytest.raises(ValueError, match=message):
+    tx.update(grads, state)
+
+
+def test_update_refuses_a_per_leaf_state_and_the_layout_is_stored_in_the_state():
+  tx = optax_adadelta.adadelta(packed_state=True)
   per_leaf = optax_adadelta.adadelta().init({"a": jnp.ones(3)})
   with pytest.raises(TypeError, match=r"expects a PackedAdadeltaState, got ScaleByAdadeltaState"):
     tx.update({"a": jnp.ones(3)}, per_leaf)
+  layout = tx.init({"a": jnp.ones(3), "big": jnp.ones((512, 513))})[1].layout
+  assert layout.shapes == ((3,), (512, 513)) and layout.dtype == "float32"
+  assert layout.packed_below == 2**18 and layout.packed == (True, False)
 
 
 def test_packed_state_must_be_a_bool():
@@ -191,6 +215,7 @@ def test_packed_state_must_be_a_bool():
     optax_adadelta.adadelta(packed_state="yes")
 
 
+@needs_eight_devices
 def test_sharded_parameters_give_the_single_device_result():
   """Large leaves keep their own state, sharded like the parameter; the numbers do not change."""
   mesh = jax.make_mesh((8,), ("data",))
@@ -210,7 +235,7 @@ def test_sharded_parameters_give_the_single_device_result():
     p, s = step(p, s, g)
     p_sharded, s_sharded = step(p_sharded, s_sharded, jax.device_put(g, sharded))
   assert p_sharded["big"].sharding.is_equivalent_to(sharded, 1)
-  for average in (s_sharded[0].e_g2[1], s_sharded[0].e_dx2[1]):
+  for average in (s_sharded[1].e_g2_large[0], s_sharded[1].e_dx2_large[0]):
     assert average.shape == shapes["big"]
     assert average.sharding.is_equivalent_to(sharded, 1)
   for x, y in zip(jax.tree.leaves((p, s)), jax.tree.leaves((p_sharded, s_sharded)), strict=True):
