@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +12,9 @@ import pytest
 
 import optax_adadelta
 
-try:  # optax's empty state, for serializing the exported step's pytrees (the user's job)
+# optax's empty state, for serializing the exported step's pytrees (the user's job).
+with contextlib.suppress(ValueError):  # registered already
   jax.export.register_namedtuple_serialization(optax.EmptyState, serialized_name="optax.EmptyState")
-except ValueError:  # registered already
-  pass
 
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.ones(4, jnp.bfloat16)}
 
