@@ -157,6 +157,13 @@ def _reading(where: str, directory: str) -> Iterator[None]:
         f"There is no checkpoint at {where}: the directory does not exist (a save that was "
         "interrupted leaves only a temporary directory next to it)."
       ) from error
+    if "Topology mismatch" in reason or "devices are different" in reason:
+      raise ValueError(
+        f"The checkpoint at {where} was saved on other devices, and a template leaf has "
+        "no sharding to restore it with: give every leaf of params and opt_state a "
+        "sharding for these devices (jax.ShapeDtypeStruct(shape, dtype, sharding=...); "
+        "jax.eval_shape under Explicit mesh axes, or sharding.state_shardings, give them)."
+      ) from error
     raise ValueError(
       f"The checkpoint at {where} cannot be read, damaged or incomplete? "
       f"{type(error).__name__}: {reason} -- restore an earlier checkpoint."

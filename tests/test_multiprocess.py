@@ -21,7 +21,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
 DEVICES_PER_PROCESS = 2
@@ -182,3 +182,33 @@ def test_a_worker_that_dies_fails_the_run_fast_with_its_stderr(tmp_path):
   with pytest.raises(pytest.fail.Exception, match="worker 1 of 2 exited with code 1") as failure:
     run_workers([survivor, dying], tmp_path, timeout_s=120)
   assert "worker 1 could not start: no data" in str(failure.value)
+
+
+def test_a_two_process_checkpoint_resumes_in_one_process_and_back(example, uninterrupted, tmp_path):
+  """2 processes (4 devices) -> this process (1 device) -> 2 processes again: each restore
+  reads the arrays into the new topology, and the runs continue to the uninterrupted
+  2-process run's numbers (up to the order of the gradient sums on 4 devices or 1)."""
+  # Explicit axes: jax.eval_shape(tx.init, ...) in the example then carries the shardings
+  # of this topology, which orbax needs to restore another topology's checkpoint.
+  mesh = jax.make_mesh(
+    (1,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices("cpu")[:1]
+  )
+  third, two_thirds = STEPS // 3, 2 * STEPS // 3
+  launch_example(2, tmp_path / "first", f"--steps={third}", f"--save={tmp_path / 'a'}")
+  # Saved by 2 processes, restored and continued here, saved again by 1 process.
+  _, losses = example.train(
+    mesh, two_thirds, BATCH_SIZE, resume=tmp_path / "a", save=tmp_path / "b"
+  )
+  assert len(losses) == two_thirds - third
+  printed = launch_example(
+    2,
+    tmp_path / "last",
+    f"--steps={STEPS}",
+    f"--resume={tmp_path / 'b'}",
+    f"--out={tmp_path / 'p.npz'}",
+  )
+  assert f"{STEPS - two_thirds} steps to step {STEPS}" in printed, printed
+  got, want = _load(tmp_path / "p.npz"), uninterrupted(2)
+  assert sorted(got) == sorted(want)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=2e-6, atol=1e-7, err_msg=name)
