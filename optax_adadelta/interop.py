@@ -80,7 +80,9 @@ def _checked(values: list, like: list, source: str) -> list:
       )
     if np.iscomplexobj(value) != jnp.iscomplexobj(ref):
       raise TypeError(
-        f"parameter {i}: {source} has dtype {value.dtype}, the optax state {ref.dtype}"
+        f"parameter {i}: {source} has dtype {value.dtype}, the optax state {ref.dtype}; "
+        "complex and real state do not convert into each other: build the optax state on "
+        "parameters of the same kind"
       )
     out.append(jnp.asarray(value, ref.dtype))
   return out
@@ -108,8 +110,12 @@ def _to_numpy(x: Any) -> np.ndarray:
 def from_torch(opt_state: Any, state_dict: dict) -> Any:
   """``opt_state`` with E[g²], E[Δx²] and the step taken from ``torch.optim.Adadelta``'s
   ``state_dict()`` (``square_avg``, ``acc_delta``, ``step``)."""
-  if not isinstance(state_dict, dict) or "param_groups" not in state_dict:
-    raise ValueError("state_dict must be torch.optim.Adadelta(...).state_dict()")
+  if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+    got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+    raise ValueError(
+      "state_dict must be torch.optim.Adadelta(...).state_dict(), a dict with 'state' and "
+      f"'param_groups'; got {got}"
+    )
   ours = _adadelta_state(opt_state)
   like = jax.tree.leaves(ours.e_g2)
   indices = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -135,7 +141,10 @@ def from_torch(opt_state: Any, state_dict: dict) -> Any:
   ]
   steps = {int(_to_numpy(s["step"])) for s in per_param if s}
   if len(steps) > 1:
-    raise ValueError(f"PyTorch parameters have different step counts {sorted(steps)}")
+    raise ValueError(
+      f"PyTorch parameters have different step counts {sorted(steps)}; the optax state "
+      "keeps one count for all: convert a state whose parameters all took the same steps"
+    )
   return _replace(
     opt_state,
     _checked(e_g2, like, "the PyTorch state_dict"),
@@ -184,10 +193,12 @@ def to_torch(opt_state: Any, template: dict, step: int | None = None) -> dict:
 def _keras_slots(optimizer: Any) -> dict[str, list]:
   if not getattr(optimizer, "built", False):
     raise ValueError("build the Keras optimizer first: optimizer.build(model.trainable_variables)")
-  if getattr(optimizer, "gradient_accumulation_steps", None):
+  steps = getattr(optimizer, "gradient_accumulation_steps", None)
+  if steps:
     raise ValueError(
-      "Keras gradient accumulators are not converted; save between accumulation cycles "
-      "with gradient_accumulation_steps=None"
+      f"the Keras optimizer has gradient_accumulation_steps={steps}, and its gradient "
+      "accumulators are not converted; convert an optimizer built with "
+      "gradient_accumulation_steps=None (between accumulation cycles the averages are the same)"
     )
   return {
     "e_g2": list(optimizer._accumulated_grads),

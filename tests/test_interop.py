@@ -190,3 +190,58 @@ def test_conversion_needs_an_adadelta_state():
 def test_from_keras_needs_a_built_optimizer(keras):
   with pytest.raises(ValueError, match="build the Keras optimizer first"):
     interop.from_keras(presets.keras().init([jnp.ones(2)]), keras.optimizers.Adadelta())
+
+
+@pytest.mark.parametrize(
+  ("state_dict", "got"),
+  [
+    ([1, 2], "got list"),
+    ({"param_groups": []}, r"got \['param_groups'\]"),
+    ({"state": {}}, r"got \['state'\]"),
+  ],
+  ids=["not_a_dict", "no_state", "no_param_groups"],
+)
+def test_from_torch_rejects_what_is_not_a_state_dict_naming_it(state_dict, got):
+  opt_state = presets.pytorch().init([jnp.ones(2)])
+  with pytest.raises(ValueError, match=r"state_dict must be torch.optim.Adadelta.*" + got):
+    interop.from_torch(opt_state, state_dict)
+
+
+def _state_dict(**per_parameter):
+  """A state_dict as torch.optim.Adadelta writes it, for two parameters of shape (2,)."""
+  state = {
+    i: {"step": np.float32(s), "square_avg": np.ones(2, np.float32), "acc_delta": np.ones(2)}
+    for i, s in per_parameter["steps"].items()
+  }
+  for i, missing in per_parameter.get("missing", {}).items():
+    del state[i][missing]
+  return {"state": state, "param_groups": [{"params": [0, 1], "lr": 1.0}]}
+
+
+def test_from_torch_rejects_a_state_missing_a_key_naming_it():
+  opt_state = presets.pytorch().init([jnp.ones(2), jnp.ones(2)])
+  with pytest.raises(ValueError, match=r"PyTorch parameter 1 has no \['acc_delta'\]"):
+    interop.from_torch(opt_state, _state_dict(steps={0: 3, 1: 3}, missing={1: "acc_delta"}))
+
+
+def test_from_torch_rejects_parameters_with_different_step_counts():
+  opt_state = presets.pytorch().init([jnp.ones(2), jnp.ones(2)])
+  with pytest.raises(ValueError, match=r"different step counts \[3, 4\]"):
+    interop.from_torch(opt_state, _state_dict(steps={0: 3, 1: 4}))
+
+
+def test_from_torch_rejects_a_real_state_for_complex_parameters():
+  opt_state = presets.pytorch().init([jnp.ones(2, jnp.complex64), jnp.ones(2)])
+  with pytest.raises(TypeError, match=r"parameter 0: .* has dtype float32, the optax state "):
+    interop.from_torch(opt_state, _state_dict(steps={0: 3, 1: 3}))
+
+
+def test_keras_gradient_accumulation_is_refused_naming_the_setting(keras):
+  variables = [keras.Variable(np.ones(2, np.float32))]
+  optimizer = keras.optimizers.Adadelta(gradient_accumulation_steps=2)
+  optimizer.build(variables)
+  opt_state = presets.keras().init([jnp.ones(2)])
+  with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2"):
+    interop.from_keras(opt_state, optimizer)
+  with pytest.raises(ValueError, match=r"gradient_accumulation_steps=2"):
+    interop.to_keras(opt_state, optimizer)
