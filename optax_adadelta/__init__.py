@@ -1,9 +1,9 @@
 """Adadelta (Zeiler 2012) for JAX, as optax gradient transformations."""
 
-from optax_adadelta import interop, presets
+from optax_adadelta import interop, presets, sharding
 from optax_adadelta._adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
 from optax_adadelta._native import is_available as native_available
-from optax_adadelta._packed import PackedAdadeltaState
+from optax_adadelta._packed import PackedAdadeltaState, PackedLayout
 from optax_adadelta.transforms import (
   AccumulateGradientsState,
   ParamsEmaState,
@@ -18,6 +18,7 @@ __version__ = "0.2.0.dev0"
 __all__ = [
   "AccumulateGradientsState",
   "PackedAdadeltaState",
+  "PackedLayout",
   "ParamsEmaState",
   "ScaleByAdadeltaState",
   "accumulate_gradients",
@@ -29,4 +30,5 @@ __all__ = [
   "params_ema",
   "presets",
   "scale_by_adadelta",
+  "sharding",
 ]
