@@ -37,7 +37,12 @@ try:
 except ImportError:
   torch = None
 
-CASES = {"a": "one leaf", "b": "transformer-like tree", "c": "1,000 small leaves"}
+CASES = {
+  "a": "one leaf",
+  "b": "transformer-like tree",
+  "c": "1,000 small leaves",
+  "d": "1,000 leaves of 4,096",
+}
 PAUSE_S = 0.005
 BASELINE, BANDWIDTH, NATIVE = "optax.adadelta", "bandwidth kernel", "native fused step"
 # The gradients have no output of their shape and dtype left to alias; donating them states
@@ -78,6 +83,8 @@ def case_shapes(case: str, smoke: bool) -> dict[str, tuple[int, ...]]:
     return {"w": (2**14,) if smoke else (2**24,)}
   if case == "b":
     return _transformer_shapes(32 if smoke else 1)
+  if case == "d":
+    return {f"leaf_{i:04d}": (64 if smoke else 4096,) for i in range(1000)}
   return _small_leaf_shapes(4, 64) if smoke else _small_leaf_shapes(256, 4096)
 
 
@@ -308,14 +315,16 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--smoke", action="store_true", help="every case ~1000x smaller")
   parser.add_argument("--repeats", type=int, help="timed steps per contender (15; smoke 3)")
-  parser.add_argument("--cases", default="a,b,c", help="a: 16M leaf, b: transformer, c: 1,000")
+  parser.add_argument("--cases", default="a,b,c,d", help="a: 16M leaf, b: transformer, c, d: 1,000")
   parser.add_argument("--dtypes", default="f32,bf16", help="f32 and/or bf16 (f32 state)")
   parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
   args = parser.parse_args(argv)
   args.repeats = args.repeats or (3 if args.smoke else 15)
   cases, dtypes = args.cases.split(","), args.dtypes.split(",")
   if not set(cases) <= set(CASES) or not set(dtypes) <= set(contenders_lib.JAX_DTYPES):
-    parser.error(f"--cases takes a,b,c and --dtypes f32,bf16; got {args.cases!r}, {args.dtypes!r}")
+    parser.error(
+      f"--cases takes a,b,c,d and --dtypes f32,bf16; got {args.cases!r}, {args.dtypes!r}"
+    )
   notes: set[str] = set()
   if contenders_lib.optax_adadelta_implementations() == ["auto"]:
     notes.add("optax_adadelta (pure JAX) skipped: adadelta() has no `implementation` keyword")
