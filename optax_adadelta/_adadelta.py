@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_adadelta import _checks, _native, _packed, _rules
+from optax_adadelta import _checks, _low_memory, _native, _packed, _rules
 
 Scalar: TypeAlias = float | jax.Array
 Implementation: TypeAlias = Literal["auto", "native", "jax"]
@@ -44,6 +44,9 @@ def scale_by_adadelta(
   update_rule: _rules.UpdateRule = "default",
   implementation: Implementation = "auto",
   packed_state: bool = False,
+  stochastic_rounding: bool | None = None,
+  state_bits: int | None = None,
+  min_8bit_size: int = 4096,
 ) -> optax.GradientTransformation:
   r"""Rescales gradients by Adadelta's ratio of running averages.
 
@@ -81,10 +84,20 @@ def scale_by_adadelta(
       each (a :class:`PackedAdadeltaState`); faster for models of many small leaves, whose
       step otherwise passes two state arrays per leaf. Real leaves of one floating dtype
       only; the same numbers either way.
+    stochastic_rounding: round each new average stochastically and without bias when the
+      state is narrower than float32 (``accumulator_dtype=jnp.bfloat16``, or the 8-bit
+      codes); ``None``: on for ``state_bits=8`` only. See docs/guides/low_memory.md.
+    state_bits: ``8`` stores both averages of each leaf of ``min_8bit_size`` elements or
+      more as 8-bit logarithmic codes with a float32 scale per block of up to 256
+      elements of the last axis (about 2 bytes per parameter); ``None`` (the default)
+      keeps them in ``accumulator_dtype``.
+    min_8bit_size: leaves with fewer elements keep a full-precision state (bitsandbytes'
+      default, 4096).
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
-    :class:`ScaleByAdadeltaState` (or a :class:`PackedAdadeltaState`).
+    :class:`ScaleByAdadeltaState` (a :class:`PackedAdadeltaState`, or with a low-memory
+    option a :class:`LowMemoryAdadeltaState`).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -105,7 +118,25 @@ def scale_by_adadelta(
   _checks.check_choice("update_rule", update_rule, _rules.RULES)
   _checks.check_choice("implementation", implementation, ("auto", "native", "jax"))
   _checks.check_flag("packed_state", packed_state)
+  low_memory = stochastic_rounding or state_bits is not None
+  rounding = _checks.check_low_memory(
+    state_bits, stochastic_rounding, min_8bit_size, accumulator_dtype
+  )
   update_leaf = _leaf_update(_rules.RULES[update_rule], rho, eps)
+  if low_memory:
+    if packed_state or implementation == "native":
+      given = "packed_state=True" if packed_state else "implementation='native'"
+      raise ValueError(
+        f"{given} cannot be combined with stochastic_rounding=True or state_bits=8: the "
+        "low-memory state is updated by XLA, leaf by leaf; drop one of the two"
+      )
+    return _low_memory.scale_by_adadelta_low_memory(
+      update_leaf,
+      accumulator_dtype,
+      state_bits=state_bits,
+      stochastic_rounding=rounding,
+      min_8bit_size=min_8bit_size,
+    )
   hyper = _native_hyper(rho, eps, update_rule, implementation)
   if packed_state:
     return _packed.scale_by_adadelta_packed(update_leaf, accumulator_dtype, hyper)
@@ -204,6 +235,9 @@ def adadelta(
   update_rule: _rules.UpdateRule = "default",
   implementation: Implementation = "auto",
   packed_state: bool = False,
+  stochastic_rounding: bool | None = None,
+  state_bits: int | None = None,
+  min_8bit_size: int = 4096,
 ) -> optax.GradientTransformation:
   r"""The Adadelta optimizer: descends by :math:`\eta\, \Delta x_t`.
 
@@ -240,6 +274,8 @@ def adadelta(
     implementation: ``"auto"``, ``"native"`` or ``"jax"``; see :func:`scale_by_adadelta`.
     packed_state: pack the small leaves' state into flat arrays; see
       :func:`scale_by_adadelta`.
+    stochastic_rounding, state_bits, min_8bit_size: the low-memory state; see
+      :func:`scale_by_adadelta`.
 
   Returns:
     An :class:`optax.GradientTransformation` (an ``optax.chain``).
@@ -266,6 +302,9 @@ def adadelta(
     update_rule=update_rule,
     implementation=implementation,
     packed_state=packed_state,
+    stochastic_rounding=stochastic_rounding,
+    state_bits=state_bits,
+    min_8bit_size=min_8bit_size,
   )
   decay = _add_decayed_weights(weight_decay, weight_decay_mask)
   return optax.chain(

@@ -189,3 +189,40 @@ def _check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
       f"The gradient at {where} has shape {jnp.shape(grad)} but its parameter had "
       f"shape {jnp.shape(state_leaf)} at init."
     )
+
+
+def check_low_memory(
+  state_bits: Any, stochastic_rounding: Any, min_8bit_size: Any, accumulator_dtype: Any
+) -> bool:
+  """Validates the low-memory keywords; returns whether stochastic rounding is on.
+
+  ``stochastic_rounding=None`` means on for ``state_bits=8``, off otherwise.
+  """
+  if state_bits is not None and (isinstance(state_bits, bool) or state_bits != 8):
+    raise ValueError(
+      f"state_bits must be 8 (8-bit averages with a float32 scale per block) or None "
+      f"(the averages in accumulator_dtype), got {state_bits!r}"
+    )
+  if stochastic_rounding is not None:
+    check_flag("stochastic_rounding", stochastic_rounding)
+  if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, (int, np.integer)):
+    raise TypeError(f"min_8bit_size must be an int, got {min_8bit_size!r}")
+  if min_8bit_size < 0:
+    raise ValueError(
+      f"min_8bit_size must be >= 0 (leaves with fewer elements keep a full-precision "
+      f"state; bitsandbytes uses 4096), got {min_8bit_size}"
+    )
+  if stochastic_rounding and state_bits is None and accumulator_dtype is not None:
+    check_narrow_state(np.dtype(accumulator_dtype))
+  return bool(state_bits == 8 if stochastic_rounding is None else stochastic_rounding)
+
+
+def check_narrow_state(dtype: Any) -> None:
+  """Stochastic rounding of a 16-bit state: refuse one of 32 bits or more."""
+  if jnp.finfo(dtype).bits >= 32:
+    raise ValueError(
+      "stochastic_rounding=True needs a state narrower than float32: pass "
+      "accumulator_dtype=jnp.bfloat16 (or jnp.float16, or bfloat16 parameters with "
+      f"accumulator_dtype=None) or state_bits=8; the state here is {np.dtype(dtype).name}, "
+      "which rounds to nearest without stalling"
+    )

@@ -1,0 +1,303 @@
+"""Adadelta with a low-memory state: 16-bit averages rounded stochastically, or 8-bit codes.
+
+Two formats, chosen by :func:`optax_adadelta.scale_by_adadelta`'s keywords; both keep the
+arithmetic of every step in float32 (dequantize, Algorithm 1, quantize) and a step counter
+in the state:
+
+``stochastic_rounding=True`` with a bfloat16 or float16 state
+  Each new average is rounded to one of the two neighbouring 16-bit numbers, the upper
+  with probability (v − lo)/(hi − lo), so it is v in expectation. Rounded to nearest,
+  (1 − ρ)(g² − E[g²]) falls under half an ulp once E[g²] is within 2⁻⁹/(1 − ρ) of its
+  target (bfloat16, 1/0.05 · 2⁻⁹ ≈ 4 %), and the average stalls there.
+
+``state_bits=8``
+  Each average of a leaf of at least ``min_8bit_size`` elements is stored as uint8 codes of
+  the parameter's shape and one float32 scale per block of ``B`` contiguous elements of the
+  last axis (``B`` the largest divisor of that axis, per shard, up to 256; at least 32, or
+  the leaf keeps a full-precision state): ``S`` = the block's largest value and
+
+  .. math::  E(c) = S \\cdot 2^{-\\gamma (255 - c)} \\ (c \\ge 1), \\quad E(0) = 0,
+             \\quad \\gamma = 24 / 254,
+
+  a logarithmic code over 24 octaves of E below the block's maximum (12 of the root mean
+  square √E, which is what Adadelta uses: √(E[Δx²]+ε)/√(E[g²]+ε)). Adjacent codes differ by
+  the factor 2^γ = 1.068, so rounding to the nearer code changes E by at most 3.3 % and
+  √(E+ε) by at most 1.65 %, whatever the block's range; the block's maximum is exact, a
+  zero block is exact. Values under S·2⁻²⁴ round to 0 or to E(1). The codes are rounded
+  stochastically (unbiased in E) when ``stochastic_rounding`` is True, the default for
+  8-bit, else to the nearer code in E.
+
+The random bits are a counter-based hash of (step counter, leaf number, which average,
+coordinate's index in the whole leaf): reproducible, restored with the state, the same for
+a replicated leaf on every device, different on every shard of a sharded one, and under
+``vmap`` the same as separate runs. Inside ``shard_map`` the index is the shard's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_adadelta import _checks
+
+MAX_BLOCK = 256  # elements per scale: 1/64 byte per element of float32 scale overhead
+MIN_BLOCK = 32  # below this (a prime last axis, say) the scales would cost too much
+OCTAVES = 24  # of E below the block's maximum that the 255 non-zero codes cover
+_GAMMA = OCTAVES / 254  # log2 of the ratio of adjacent codes
+
+
+class QuantizedAverage(NamedTuple):
+  """One running average stored in 8 bits.
+
+  Attributes:
+    codes: uint8, the parameter's shape: E = scale · 2^(−γ(255 − code)), 0 for code 0.
+    scale: float32, shape ``param.shape[:-1] + (blocks,)``: each block's largest E; the
+      block size is ``codes.shape[-1] // scale.shape[-1]``.
+  """
+
+  codes: jax.Array
+  scale: jax.Array
+
+
+class LowMemoryAdadeltaState(NamedTuple):
+  """State of ``scale_by_adadelta(stochastic_rounding=True)`` or ``(state_bits=8)``.
+
+  Attributes:
+    count: int32 number of updates so far; seeds the stochastic rounding.
+    e_g2: E[g²], a tree shaped like the parameters whose leaves are arrays (16-bit, or
+      full precision for leaves kept so) or :class:`QuantizedAverage`.
+    e_dx2: E[Δx²], the same layout.
+  """
+
+  count: jax.Array
+  e_g2: Any
+  e_dx2: Any
+
+
+for _cls in (QuantizedAverage, LowMemoryAdadeltaState):
+  jax.export.register_namedtuple_serialization(_cls, serialized_name=f"optax_adadelta.{_cls.__name__}")
+
+
+def is_quantized(x: Any) -> bool:
+  return isinstance(x, QuantizedAverage)
+
+
+# The 8-bit code ----------------------------------------------------------------------
+
+
+def block_size(shard_last: int) -> int | None:
+  """The largest divisor of a shard's last axis up to MAX_BLOCK, or None below MIN_BLOCK."""
+  size = max(d for d in range(1, min(MAX_BLOCK, shard_last) + 1) if shard_last % d == 0)
+  return size if size >= MIN_BLOCK else None
+
+
+def _blocks(x: jax.Array, blocks: int) -> jax.Array:
+  return x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
+
+
+def _level(codes: jax.Array) -> jax.Array:
+  """E(c)/S as float32."""
+  c = codes.astype(jnp.float32)
+  return jnp.where(codes == 0, 0.0, jnp.exp2(_GAMMA * (c - 255.0)))
+
+
+def dequantize(q: QuantizedAverage) -> jax.Array:
+  """The float32 average a QuantizedAverage stands for."""
+  blocks = q.scale.shape[-1]
+  values = _blocks(_level(q.codes), blocks) * q.scale[..., None]
+  return values.reshape(q.codes.shape)
+
+
+def quantize(values: jax.Array, blocks: int, uniform: jax.Array | None) -> QuantizedAverage:
+  """Codes for non-negative float32 `values`, rounded up with probability `uniform` < p.
+
+  p is the position of the value between its two neighbouring codes, linearly in E, so the
+  mean of the stored E over `uniform` ~ U[0, 1) is the value; `uniform=None` rounds to the
+  nearer code in E (p ≥ 1/2).
+  """
+  grouped = _blocks(values.astype(jnp.float32), blocks)
+  scale = jnp.max(grouped, axis=-1)
+  safe = jnp.where(scale > 0, scale, 1.0)[..., None]
+  x = grouped / safe  # in [0, 1]
+  position = 255.0 + jnp.log2(jnp.maximum(x, 1e-38)) / _GAMMA
+  low = jnp.clip(jnp.floor(position), 0.0, 255.0)
+  low = jnp.where(x > 0, low, 0.0).astype(jnp.uint8)
+  high = jnp.minimum(low.astype(jnp.int32) + 1, 255).astype(jnp.uint8)
+  low_value, high_value = _level(low), _level(high)
+  gap = high_value - low_value
+  p = jnp.where(gap > 0, (x - low_value) / jnp.where(gap > 0, gap, 1.0), 0.0)
+  threshold = 0.5 if uniform is None else _blocks(uniform, blocks)
+  codes = jnp.where(p > threshold, high, low)  # p > u has probability p for u ~ U[0, 1)
+  codes = jnp.where(x >= 1.0, jnp.uint8(255), codes)  # the block's maximum exactly
+  return QuantizedAverage(codes.reshape(values.shape), scale)
+
+
+# Stochastic rounding to 16 bits ------------------------------------------------------
+
+
+def round_stochastically(values: jax.Array, dtype: Any, uniform: jax.Array) -> jax.Array:
+  """`values` (float32, ≥ 0) in `dtype`, the upper neighbour with probability (v−lo)/(hi−lo)."""
+  nearest = values.astype(dtype)
+  below = nearest.astype(jnp.float32) > values
+  toward = jnp.where(below, jnp.asarray(-jnp.inf, dtype), jnp.asarray(jnp.inf, dtype))
+  other = jnp.nextafter(nearest, toward)
+  low = jnp.where(below, other, nearest)
+  high = jnp.where(below, nearest, other)
+  low32, high32 = low.astype(jnp.float32), high.astype(jnp.float32)
+  gap = high32 - low32
+  p = jnp.where(jnp.isfinite(gap) & (gap > 0), (values - low32) / gap, 0.0)
+  return jnp.where(uniform < p, high, low)
+
+
+# Counter-based random numbers --------------------------------------------------------
+
+
+def _mix(x: jax.Array) -> jax.Array:
+  """A 32-bit integer hash (Wellons' lowbias32): every input bit changes every output bit."""
+  x = x ^ (x >> 16)
+  x = x * jnp.uint32(0x7FEB352D)
+  x = x ^ (x >> 15)
+  x = x * jnp.uint32(0x846CA68B)
+  return x ^ (x >> 16)
+
+
+def uniform(count: jax.Array, stream: int, shape: tuple[int, ...]) -> jax.Array:
+  """float32 in [0, 1) for each coordinate of a leaf, from (count, stream, index)."""
+  key = _mix(_mix(jnp.uint32(stream) * jnp.uint32(0x9E3779B9) + jnp.uint32(0x632BE5AB)))
+  key = _mix(key ^ jnp.asarray(count).astype(jnp.uint32))
+  index = jnp.zeros(shape, jnp.uint32)
+  for axis, length in enumerate(shape):
+    index = index * jnp.uint32(length) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  bits = _mix(index ^ key) + key
+  bits = _mix(bits)
+  return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+
+
+# The transform -----------------------------------------------------------------------
+
+
+def _shard_last(p: Any) -> int:
+  """Length of the last axis in one shard of `p` (the whole axis when not known)."""
+  sharding = getattr(p, "sharding", None) if isinstance(p, jax.Array) else None
+  if sharding is None or isinstance(p, jax.core.Tracer):
+    try:
+      sharding = jax.typeof(p).sharding
+    except Exception:  # not an array, or no sharding in its type
+      sharding = None
+  try:
+    return int(sharding.shard_shape(tuple(p.shape))[-1])
+  except Exception:  # no sharding, or one without a concrete mesh
+    return int(p.shape[-1])
+
+
+def _leaf_blocks(p: Any, min_8bit_size: int) -> int | None:
+  """Number of blocks of the last axis for an 8-bit leaf, or None to keep it full."""
+  dtype = jnp.result_type(p)
+  if not jnp.issubdtype(dtype, jnp.floating) or p.ndim == 0 or p.size < min_8bit_size:
+    return None
+  size = block_size(_shard_last(p))
+  return None if size is None else p.shape[-1] // size
+
+
+def scale_by_adadelta_low_memory(
+  update_leaf: Callable[..., tuple],
+  accumulator_dtype: Any,
+  *,
+  state_bits: int | None,
+  stochastic_rounding: bool,
+  min_8bit_size: int,
+) -> optax.GradientTransformation:
+  """Adadelta on a LowMemoryAdadeltaState; `update_leaf(g, e_g2, e_dx2)` updates float32."""
+
+  def init_fn(params):
+    def zeros(path, p):
+      if p is None:
+        return None
+      dtype = _checks.state_dtype(path, p, accumulator_dtype)
+      blocks = _leaf_blocks(p, min_8bit_size) if state_bits == 8 else None
+      if blocks is None:
+        return jnp.zeros_like(p, dtype=dtype)
+      codes = jnp.zeros_like(p, dtype=jnp.uint8)  # keeps the parameter's sharding
+      scale = jnp.max(_blocks(jnp.zeros_like(p, dtype=jnp.float32), blocks), axis=-1)
+      return QuantizedAverage(codes, scale)
+
+    e_g2 = jax.tree_util.tree_map_with_path(zeros, params)
+    if stochastic_rounding and state_bits is None:
+      dtypes = [a.dtype for a in jax.tree.leaves(e_g2)]
+      if not any(_narrower_than_float32(d) for d in dtypes):
+        _checks.check_narrow_state(max(dtypes, key=lambda d: jnp.dtype(d).itemsize))
+    e_dx2 = jax.tree_util.tree_map_with_path(zeros, params)  # no aliasing: both donatable
+    return LowMemoryAdadeltaState(jnp.zeros([], jnp.int32), e_g2, e_dx2)
+
+  def update_fn(updates, state, params=None):
+    del params
+    paths, grads, treedef = _check(updates, state)
+    e_g2 = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
+    e_dx2 = _checks._leaves_like_state(treedef, state.e_dx2, "e_dx2")
+    steps, new_g2, new_dx2 = [], [], []
+    for number, (g, a, b) in enumerate(zip(grads, e_g2, e_dx2, strict=True)):
+      if g is None:
+        steps.append(None), new_g2.append(a), new_dx2.append(b)
+        continue
+      step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
+      steps.append(step)
+      new_g2.append(_store(a_new, a, state.count, 2 * number))
+      new_dx2.append(_store(b_new, b, state.count, 2 * number + 1))
+    return treedef.unflatten(steps), LowMemoryAdadeltaState(
+      state.count + 1, treedef.unflatten(new_g2), treedef.unflatten(new_dx2)
+    )
+
+  def _store(value, old, count, stream):
+    if is_quantized(old):
+      random = uniform(count, stream, value.shape) if stochastic_rounding else None
+      return quantize(value, old.scale.shape[-1], random)
+    if stochastic_rounding and _narrower_than_float32(old.dtype):
+      random = uniform(count, stream, value.shape)
+      return round_stochastically(value.astype(jnp.float32), old.dtype, random)
+    return value.astype(old.dtype)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _narrower_than_float32(dtype: Any) -> bool:
+  return jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < 32
+
+
+def _widen(average: Any) -> jax.Array:
+  """The average as float32 (8-bit codes dequantized, 16 bits widened) or its own dtype."""
+  if is_quantized(average):
+    return dequantize(average)
+  if _narrower_than_float32(average.dtype):
+    return average.astype(jnp.float32)
+  return average
+
+
+def _check(updates: Any, state: Any):
+  if not isinstance(state, LowMemoryAdadeltaState):
+    raise TypeError(
+      f"scale_by_adadelta(stochastic_rounding=..., state_bits=...) expects a "
+      f"LowMemoryAdadeltaState, got {type(state).__name__}; build the state with the same "
+      "transform's init"
+    )
+  paths, grads, treedef = _checks.flatten_gradients(updates)
+  leaves = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
+  for path, g, a in zip(paths, grads, leaves, strict=True):
+    if g is not None:
+      _checks._check_gradient_leaf(path, g, a.codes if is_quantized(a) else a)
+  return paths, grads, treedef
+
+
+def state_bytes(state: Any) -> int:
+  """Bytes of every array in `state` (codes, scales, 16-bit and full averages, counter)."""
+  return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
+def average_values(average: Any) -> Any:
+  """A tree of averages (arrays or QuantizedAverage) as float32/own-dtype arrays."""
+  return jax.tree.map(lambda a: None if a is None else _widen(a), average, is_leaf=is_quantized)
+
