@@ -2,6 +2,7 @@
 
 from optax_adadelta import interop, presets, sharding
 from optax_adadelta._adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
+from optax_adadelta._low_memory import LowMemoryAdadeltaState, QuantizedAverage
 from optax_adadelta._native import is_available as native_available
 from optax_adadelta._packed import PackedAdadeltaState, PackedLayout
 from optax_adadelta.transforms import (
@@ -17,9 +18,11 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
   "AccumulateGradientsState",
+  "LowMemoryAdadeltaState",
   "PackedAdadeltaState",
   "PackedLayout",
   "ParamsEmaState",
+  "QuantizedAverage",
   "ScaleByAdadeltaState",
   "accumulate_gradients",
   "adadelta",

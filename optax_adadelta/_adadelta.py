@@ -46,7 +46,7 @@ def scale_by_adadelta(
   packed_state: bool = False,
   stochastic_rounding: bool | None = None,
   state_bits: int | None = None,
-  min_8bit_size: int = 4096,
+  min_8bit_size: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales gradients by Adadelta's ratio of running averages.
 
@@ -91,8 +91,9 @@ def scale_by_adadelta(
       more as 8-bit logarithmic codes with a float32 scale per block of up to 256
       elements of the last axis (about 2 bytes per parameter); ``None`` (the default)
       keeps them in ``accumulator_dtype``.
-    min_8bit_size: leaves with fewer elements keep a full-precision state (bitsandbytes'
-      default, 4096).
+    min_8bit_size: leaves with fewer elements keep a full-precision state; ``None`` means
+      4096, bitsandbytes' default. With ``optax.inject_hyperparams``, name ``state_bits``
+      and ``min_8bit_size`` in ``static_args``.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
@@ -135,7 +136,7 @@ def scale_by_adadelta(
       accumulator_dtype,
       state_bits=state_bits,
       stochastic_rounding=rounding,
-      min_8bit_size=min_8bit_size,
+      min_8bit_size=4096 if min_8bit_size is None else int(min_8bit_size),
     )
   hyper = _native_hyper(rho, eps, update_rule, implementation)
   if packed_state:
@@ -237,7 +238,7 @@ def adadelta(
   packed_state: bool = False,
   stochastic_rounding: bool | None = None,
   state_bits: int | None = None,
-  min_8bit_size: int = 4096,
+  min_8bit_size: int | None = None,
 ) -> optax.GradientTransformation:
   r"""The Adadelta optimizer: descends by :math:`\eta\, \Delta x_t`.
 

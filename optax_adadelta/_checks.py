@@ -198,15 +198,22 @@ def check_low_memory(
 
   ``stochastic_rounding=None`` means on for ``state_bits=8``, off otherwise.
   """
-  if state_bits is not None and (isinstance(state_bits, bool) or state_bits != 8):
+  static = "; with optax.inject_hyperparams, name it in static_args"
+  if state_bits is not None and (
+    isinstance(state_bits, bool) or not isinstance(state_bits, (int, np.integer)) or state_bits != 8
+  ):
+    hint = static if _is_tracer(state_bits) or isinstance(state_bits, jax.Array) else ""
     raise ValueError(
       f"state_bits must be 8 (8-bit averages with a float32 scale per block) or None "
-      f"(the averages in accumulator_dtype), got {state_bits!r}"
+      f"(the averages in accumulator_dtype), got {state_bits!r}{hint}"
     )
   if stochastic_rounding is not None:
     check_flag("stochastic_rounding", stochastic_rounding)
+  if min_8bit_size is None:
+    min_8bit_size = 4096
   if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, (int, np.integer)):
-    raise TypeError(f"min_8bit_size must be an int, got {min_8bit_size!r}")
+    hint = static if _is_tracer(min_8bit_size) or isinstance(min_8bit_size, jax.Array) else ""
+    raise TypeError(f"min_8bit_size must be an int or None, got {min_8bit_size!r}{hint}")
   if min_8bit_size < 0:
     raise ValueError(
       f"min_8bit_size must be >= 0 (leaves with fewer elements keep a full-precision "

@@ -79,8 +79,10 @@ class LowMemoryAdadeltaState(NamedTuple):
   e_dx2: Any
 
 
-for _cls in (QuantizedAverage, LowMemoryAdadeltaState):
-  jax.export.register_namedtuple_serialization(_cls, serialized_name=f"optax_adadelta.{_cls.__name__}")
+for _cls in (QuantizedAverage, LowMemoryAdadeltaState):  # for jax.export-ed steps
+  jax.export.register_namedtuple_serialization(
+    _cls, serialized_name=f"optax_adadelta.{_cls.__name__}"
+  )
 
 
 def is_quantized(x: Any) -> bool:
@@ -236,7 +238,7 @@ def scale_by_adadelta_low_memory(
 
   def update_fn(updates, state, params=None):
     del params
-    paths, grads, treedef = _check(updates, state)
+    grads, treedef = _check(updates, state)
     e_g2 = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
     e_dx2 = _checks._leaves_like_state(treedef, state.e_dx2, "e_dx2")
     steps, new_g2, new_dx2 = [], [], []
@@ -289,7 +291,7 @@ def _check(updates: Any, state: Any):
   for path, g, a in zip(paths, grads, leaves, strict=True):
     if g is not None:
       _checks._check_gradient_leaf(path, g, a.codes if is_quantized(a) else a)
-  return paths, grads, treedef
+  return grads, treedef
 
 
 def state_bytes(state: Any) -> int:
@@ -300,4 +302,3 @@ def state_bytes(state: Any) -> int:
 def average_values(average: Any) -> Any:
   """A tree of averages (arrays or QuantizedAverage) as float32/own-dtype arrays."""
   return jax.tree.map(lambda a: None if a is None else _widen(a), average, is_leaf=is_quantized)
-
