@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_adadelta import _low_memory
 from optax_adadelta._adadelta import ScaleByAdadeltaState
 from optax_adadelta.transforms import ParamsEmaState
 
@@ -35,7 +36,22 @@ def _is_adadelta(x: Any) -> bool:
   return isinstance(x, ScaleByAdadeltaState)
 
 
-def _adadelta_state(opt_state: Any) -> ScaleByAdadeltaState:
+def _adadelta_state(opt_state: Any, exporting: bool = False) -> ScaleByAdadeltaState:
+  """The one Adadelta state in opt_state; a low-memory one dequantized (exporting only)."""
+  low = _low_memory.LowMemoryAdadeltaState
+  is_low = lambda x: isinstance(x, low)
+  lows = [s for s in jax.tree.leaves(opt_state, is_leaf=is_low) if is_low(s)]
+  if lows and not exporting:
+    raise ValueError(
+      "interop.from_torch/from_keras cannot load into a low-memory state "
+      "(stochastic_rounding=True or state_bits=8): load into the optimizer's float32 "
+      "state (the same optimizer without those keywords); to_torch/to_keras export a "
+      "low-memory state as float32 (dequantized)"
+    )
+  plain = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adadelta) if _is_adadelta(s)]
+  if len(lows) == 1 and not plain:
+    widen = _low_memory.average_values
+    return ScaleByAdadeltaState(widen(lows[0].e_g2), widen(lows[0].e_dx2))
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adadelta) if _is_adadelta(s)]
   if len(found) != 1:
     raise ValueError(
@@ -165,7 +181,7 @@ def to_torch(opt_state: Any, template: dict, step: int | None = None) -> dict:
   """
   import torch
 
-  ours = _adadelta_state(opt_state)
+  ours = _adadelta_state(opt_state, exporting=True)
   e_g2, e_dx2 = jax.tree.leaves(ours.e_g2), jax.tree.leaves(ours.e_dx2)
   indices = [i for group in template["param_groups"] for i in group["params"]]
   if len(indices) != len(e_g2):
@@ -233,7 +249,7 @@ def to_keras(opt_state: Any, optimizer: Any, step: int | None = None) -> None:
   (it matters to Keras for learning-rate schedules and the EMA).
   """
   slots = _keras_slots(optimizer)
-  ours = _adadelta_state(opt_state)
+  ours = _adadelta_state(opt_state, exporting=True)
   for name, values in (("e_g2", ours.e_g2), ("e_dx2", ours.e_dx2)):
     leaves = jax.tree.leaves(values)
     _checked([_to_numpy(v.value) for v in slots[name]], leaves, "the Keras optimizer")
