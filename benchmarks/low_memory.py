@@ -1,0 +1,255 @@
+"""The low-memory states (#14): bytes per parameter, step time, and accuracy.
+
+    python -m benchmarks.low_memory speed --smoke     # seconds: every case ~1000x smaller
+    python -m benchmarks.low_memory speed             # cases (a), (b), (c) of step.py
+    python -m benchmarks.low_memory accuracy --smoke  # seconds: a few steps of each task
+    python -m benchmarks.low_memory accuracy          # 3 seeds x 4 state formats x 4 tasks
+
+Formats: the float32 state (the default, the native CPU kernel where it applies, and the
+pure-JAX path), bfloat16 rounded to nearest (``accumulator_dtype=jnp.bfloat16``), bfloat16
+rounded stochastically, and 8-bit codes (``state_bits=8``). Bytes per parameter are counted
+from the state's arrays. Step time: medians of interleaved single steps (as step.py), ratios
+against the float32 state and against ``optax.adadelta``. Accuracy: mean ± sd over seeds.
+Prints markdown tables; ``--out`` also writes them and the raw numbers as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_adadelta
+from benchmarks import _contenders
+from benchmarks.step import CASES, case_shapes
+
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+FORMATS = {
+  "float32": {},
+  "float32 (pure JAX)": {"implementation": "jax"},
+  "bfloat16": {"accumulator_dtype": jnp.bfloat16},
+  "bfloat16 + SR": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
+  "8-bit": {"state_bits": 8},
+}
+ACCURACY_FORMATS = ["float32", "bfloat16", "bfloat16 + SR", "8-bit"]
+
+
+def state_bytes_per_parameter(tx, params) -> float:
+  state = jax.eval_shape(tx.init, params)
+  nbytes = sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+  return nbytes / sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+
+
+# Speed --------------------------------------------------------------------------------
+
+
+def speed(args) -> dict:
+  rng = np.random.default_rng(0)
+  sections = {}
+  for case in args.cases:
+    shapes = case_shapes(case, args.smoke)
+    params = {k: jnp.asarray(rng.standard_normal(s, np.float32)) for k, s in shapes.items()}
+    grads = {k: jnp.asarray(rng.standard_normal(s, np.float32)) for k, s in shapes.items()}
+    contenders, bytes_per = [], {}
+    for name, keywords in FORMATS.items():
+      tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **keywords)
+      contenders.append(_contenders.JaxContender(name, tx, params, grads))
+      bytes_per[name] = state_bytes_per_parameter(tx, params)
+    baseline = optax.adadelta(learning_rate=1.0, rho=0.95, eps=1e-6)
+    contenders.append(_contenders.JaxContender("optax.adadelta", baseline, params, grads))
+    bytes_per["optax.adadelta"] = state_bytes_per_parameter(baseline, params)
+    for contender in contenders:  # warm-up
+      contender.prepare()
+      contender.run()
+    times = {c.name: [] for c in contenders}
+    gc.collect()
+    gc.disable()
+    for repeat in range(args.repeats):
+      turn = repeat % len(contenders)
+      for contender in contenders[turn:] + contenders[:turn]:
+        contender.prepare()
+        time.sleep(0.005)
+        start = time.perf_counter()
+        contender.run()
+        times[contender.name].append(time.perf_counter() - start)
+    gc.enable()
+    medians = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
+    sections[case] = {
+      "title": f"({case}) {CASES[case]}: {len(shapes):,} leaves, "
+      f"{sum(int(np.prod(s)) for s in shapes.values()):,} parameters",
+      "median_ms": medians,
+      "bytes_per_parameter": bytes_per,
+    }
+    print(_speed_table(sections[case]), flush=True)
+  return sections
+
+
+def _speed_table(section) -> str:
+  medians, bytes_per = section["median_ms"], section["bytes_per_parameter"]
+  lines = [
+    f"\n### {section['title']}\n",
+    "| state | bytes/param | median ms | × float32 state time | × optax.adadelta time |",
+    "|---|---|---|---|---|",
+  ]
+  for name, ms in medians.items():
+    ratio_f32, ratio_optax = ms / medians["float32"], ms / medians["optax.adadelta"]
+    lines.append(
+      f"| {name} | {bytes_per[name]:.3f} | {ms:.3f} | {ratio_f32:.2f} | {ratio_optax:.2f} |"
+    )
+  return "\n".join(lines)
+
+
+# Accuracy -----------------------------------------------------------------------------
+
+
+def _mnist_task(rho, eps, epochs, smoke):
+  from optax_adadelta.demo import datasets, mlp
+
+  data = datasets.load_mnist(os.environ.get("MNIST_DIR", "../shared/data/mnist"))
+  x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
+  x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+  num_train = 2000 if smoke else len(x_train)
+
+  def run(keywords, seed):
+    tx = optax_adadelta.adadelta(1.0, rho, eps, **keywords)
+    key = jax.random.PRNGKey(seed)
+    params = mlp.init(key, mlp.layer_sizes(x_train.shape[1]))
+    state = tx.init(params)
+    steps = jax.jit(mlp.make_steps(tx))
+    for epoch in range(1 if smoke else epochs):
+      batches = mlp.batch_order(jax.random.fold_in(key, epoch), num_train, 100)
+      params, state, _ = steps(params, state, x_train, y_train, batches)
+    return 100 * float(mlp.error_rate(params, x_test, y_test))
+
+  return f"MNIST 784-500-300-10, ρ={rho}, ε={eps:g}, {epochs} epochs: test error %", run
+
+
+def _airfoil_task(smoke):
+  from optax_adadelta.demo import datasets
+
+  features, target = datasets.load_airfoil(os.environ.get("DATA_DIR", "../shared/data"))
+  features, target = jnp.asarray(features), jnp.asarray(target)
+  loss = lambda p, x, y: jnp.mean((x @ p["w"][:, 0] + p["b"][0] - y) ** 2) / 2
+
+  def run(keywords, seed):
+    tx = optax_adadelta.adadelta(1.0, 0.9, 1e-5, **keywords)
+    key = jax.random.PRNGKey(seed)
+    params = {"w": 0.01 * jax.random.normal(key, (5, 1)), "b": jnp.zeros(1)}
+    state = tx.init(params)
+
+    @jax.jit
+    def epoch(params, state, order):
+      def step(carry, batch):
+        params, state = carry
+        grads = jax.grad(loss)(params, features[batch], target[batch])
+        updates, state = tx.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+      return jax.lax.scan(step, (params, state), order)[0]
+
+    for e in range(2):
+      order = jax.random.permutation(jax.random.fold_in(key, e), 1500).reshape(150, 10)
+      params, state = epoch(params, state, order)
+    return float(loss(params, features, target))
+
+  return "d2l airfoil, ρ=0.9, ε=1e-5, 2 epochs of batch 10: training loss", run
+
+
+def _slow_regression_task(smoke):
+  """Least squares in 4,096 dimensions whose feature scales span 3 decades: the small-scale
+  coordinates converge over thousands of steps, where a stalled average shows."""
+  dim, num, batch_size, num_steps = 4096, 8192, 256, 100 if smoke else 4000
+  rng = np.random.default_rng(123)
+  scales = np.exp(rng.uniform(np.log(1e-3), 0.0, dim)).astype(np.float32)
+  x = (rng.standard_normal((num, dim)) * scales).astype(np.float32)
+  w_true = rng.standard_normal(dim).astype(np.float32)
+  y = x @ w_true + 0.01 * rng.standard_normal(num).astype(np.float32)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  loss = lambda w, xb, yb: jnp.mean((xb @ w - yb) ** 2) / 2
+
+  def run(keywords, seed):
+    tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **keywords)
+    key = jax.random.PRNGKey(seed)
+    w = jnp.zeros(dim)
+    state = tx.init(w)
+
+    @jax.jit
+    def steps(w, state):
+      def step(carry, t):
+        w, state = carry
+        batch = jax.random.randint(jax.random.fold_in(key, t), (batch_size,), 0, num)
+        updates, state = tx.update(jax.grad(loss)(w, x[batch], y[batch]), state, w)
+        return (optax.apply_updates(w, updates), state), None
+
+      return jax.lax.scan(step, (w, state), jnp.arange(num_steps))[0]
+
+    w, _ = steps(w, state)
+    return float(loss(w, x, y))
+
+  return f"slow regression (4,096 weights, {num_steps} steps of batch 256): training loss", run
+
+
+def accuracy(args) -> dict:
+  tasks = []
+  for name in args.tasks:
+    if name == "mnist":
+      tasks += [_mnist_task(rho, eps, 6, args.smoke) for rho, eps in args.cells]
+    elif name == "airfoil":
+      tasks.append(_airfoil_task(args.smoke))
+    elif name == "regression":
+      tasks.append(_slow_regression_task(args.smoke))
+  results = {}
+  for title, run in tasks:
+    results[title] = {}
+    for fmt in ACCURACY_FORMATS:
+      values = [run(FORMATS[fmt], seed) for seed in range(args.seeds)]
+      results[title][fmt] = values
+      print(f"{title} | {fmt}: {_mean_sd(values)}  {values}", file=sys.stderr, flush=True)
+    print(_accuracy_table(title, results[title]), flush=True)
+  return results
+
+
+def _mean_sd(values) -> str:
+  sd = np.std(values, ddof=1) if len(values) > 1 else float("nan")
+  return f"{np.mean(values):.4g} ± {sd:.2g}"
+
+
+def _accuracy_table(title, by_format) -> str:
+  lines = [f"\n### {title}\n", "| state | mean ± sd | seeds |", "|---|---|---|"]
+  for fmt, values in by_format.items():
+    lines.append(f"| {fmt} | {_mean_sd(values)} | {', '.join(f'{v:.4g}' for v in values)} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("what", choices=["speed", "accuracy"])
+  parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--cases", nargs="+", default=["a", "b", "c"], choices=sorted(CASES))
+  parser.add_argument("--tasks", nargs="+", default=["mnist", "airfoil", "regression"])
+  parser.add_argument("--seeds", type=int, default=None)
+  parser.add_argument("--out", type=Path, default=None, help="write <what>.json and .md here")
+  args = parser.parse_args(argv)
+  args.repeats = args.repeats or (3 if args.smoke else 15)
+  args.seeds = args.seeds or (2 if args.smoke else 3)
+  args.cells = [(0.95, 1e-6)] if args.smoke else [(0.95, 1e-6), (0.99, 1e-8)]
+  results = speed(args) if args.what == "speed" else accuracy(args)
+  if args.out is not None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"low_memory_{args.what}.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+  main()

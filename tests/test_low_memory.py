@@ -1,0 +1,430 @@
+"""The low-memory states (#14): 16-bit averages rounded stochastically, and 8-bit codes.
+
+The 8-bit algorithm is compared with an independent float64 NumPy transcription of
+"dequantize, Algorithm 1, quantize" written from the documented code (below); the code's
+properties (round-trip error bound, exact zero blocks, monotone codes) and stochastic
+rounding's unbiasedness are checked with bounds that a wrong implementation fails; the
+transform's promises (jit, vmap, sharding, checkpoints, inject_hyperparams,
+apply_if_finite, interop) are checked on the new state.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_adadelta
+from optax_adadelta import _low_memory as lm
+from tests.sharding_checks import needs_eight_devices
+
+RHO, EPS = 0.95, 1e-6
+GAMMA = 24 / 254  # documented: E(c) = S · 2^(−γ(255 − c)), E(0) = 0
+FORMATS = {
+  "bf16_sr": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
+  "8bit": {"state_bits": 8},
+  "8bit_nearest": {"state_bits": 8, "stochastic_rounding": False},
+}
+
+
+# The float64 NumPy reference of the 8-bit algorithm ----------------------------------
+
+
+def np_dequantize(codes, scale):
+  codes = np.asarray(codes, np.float64)
+  blocks = scale.shape[-1]
+  level = np.where(codes == 0, 0.0, 2.0 ** (GAMMA * (codes - 255.0)))
+  grouped = level.reshape(*codes.shape[:-1], blocks, -1) * np.asarray(scale, np.float64)[..., None]
+  return grouped.reshape(codes.shape)
+
+
+def np_quantize_nearest(values, blocks):
+  """Nearest code in E (ties up) per block of the last axis; scale = the block's maximum."""
+  grouped = np.asarray(values, np.float64).reshape(*values.shape[:-1], blocks, -1)
+  scale = grouped.max(axis=-1)
+  levels = np.concatenate([[0.0], 2.0 ** (GAMMA * (np.arange(1, 256) - 255.0))])
+  x = grouped / np.where(scale > 0, scale, 1.0)[..., None]
+  high = np.clip(np.searchsorted(levels, x, side="left"), 1, 255)  # first level >= x
+  low = high - 1
+  nearer_high = (x - levels[low]) > (levels[high] - x)
+  codes = np.where(x >= 1.0, 255, np.where(nearer_high | (x == levels[high]), high, low))
+  return codes.reshape(values.shape).astype(np.uint8), scale
+
+
+def np_step(g, e_g2, e_dx2, rho=RHO, eps=EPS):
+  """Algorithm 1 in float64."""
+  e_g2 = rho * e_g2 + (1 - rho) * g * g
+  dx = np.sqrt(e_dx2 + eps) / np.sqrt(e_g2 + eps) * g
+  return dx, e_g2, rho * e_dx2 + (1 - rho) * dx * dx
+
+
+def _wide_values(rng, shape, octaves=20):
+  """Non-negative values spanning `octaves` of E, with exact zeros sprinkled in."""
+  values = 2.0 ** rng.uniform(-octaves, 0, shape) * 10.0 ** rng.uniform(-3, 3, (*shape[:-1], 1))
+  values[rng.random(shape) < 0.05] = 0.0
+  return values.astype(np.float32)
+
+
+def test_8bit_update_equals_float64_reference_of_dequantize_algorithm1_quantize():
+  """Each step from the package's own state: the reference dequantizes it, runs Algorithm 1
+  in float64 and quantizes to the nearer code; codes may differ by one where float32 and
+  float64 fall on either side of a midpoint (rare), updates agree to float32 rounding."""
+  rng = np.random.default_rng(0)
+  tx = optax_adadelta.scale_by_adadelta(RHO, EPS, **FORMATS["8bit_nearest"])
+  params = {"w": jnp.zeros((8, 768))}  # 768 = 3 · 256: blocks of 256
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  mismatched = total = 0
+  for _ in range(20):
+    g = (rng.standard_normal((8, 768)) * 10.0 ** rng.uniform(-3, 1, (8, 768))).astype(np.float32)
+    q_g2, q_dx2 = state.e_g2["w"], state.e_dx2["w"]
+    want_dx, want_g2, want_dx2 = np_step(
+      g.astype(np.float64),
+      np_dequantize(q_g2.codes, q_g2.scale),
+      np_dequantize(q_dx2.codes, q_dx2.scale),
+    )
+    dx, state = update({"w": jnp.asarray(g)}, state)
+    np.testing.assert_allclose(dx["w"], want_dx, rtol=2e-6, atol=1e-30)
+    for got, want in ((state.e_g2["w"], want_g2), (state.e_dx2["w"], want_dx2)):
+      codes, scale = np_quantize_nearest(want, blocks=3)
+      np.testing.assert_allclose(got.scale, scale, rtol=1e-6)
+      diff = np.abs(np.asarray(got.codes, int) - codes)
+      assert diff.max() <= 1
+      mismatched, total = mismatched + int(np.sum(diff)), total + diff.size
+  print(f"codes one apart from the float64 reference: {mismatched} of {total}")
+  assert mismatched <= total * 1e-3
+
+
+@pytest.mark.parametrize("shape, blocks", [((4, 1024), 4), ((3, 500), 2), ((4096,), 16)])
+def test_round_trip_error_is_within_the_per_block_bound(shape, blocks):
+  """Nearest rounding: |Ê − E| ≤ (2^(γ/2) − 1)·E above the code's range (3.3 %), so
+  √(Ê+ε) within 1.7 % of √(E+ε); below it (E < S·2⁻²⁴), |Ê − E| ≤ S·2⁻²⁴."""
+  rng = np.random.default_rng(1)
+  values = _wide_values(rng, shape, octaves=30)
+  q = lm.quantize(jnp.asarray(values), blocks, None)
+  got = np.asarray(lm.dequantize(q), np.float64)
+  e = values.astype(np.float64)
+  scale = e.reshape(*shape[:-1], blocks, -1).max(-1)
+  s = np.repeat(scale, shape[-1] // blocks, axis=-1).reshape(shape)
+  in_range = e >= s * 2.0**-24
+  bound = 2.0 ** (GAMMA / 2) - 1
+  relative = np.abs(got - e)[in_range] / e[in_range]
+  assert relative.max() <= bound * (1 + 1e-5), relative.max()
+  assert np.all(np.abs(got - e)[~in_range] <= s[~in_range] * 2.0**-24 * (1 + 1e-5))
+  for eps in (1e-8, 1e-6):
+    root_error = np.abs(np.sqrt(got + eps) / np.sqrt(e + eps) - 1)[in_range]
+    assert root_error.max() <= 2.0 ** (GAMMA / 4) - 1 + 1e-6
+    print(f"{shape}, eps={eps}: max relative error of √(E+ε) {root_error.max():.4%}")
+  assert np.all(got.reshape(*shape[:-1], blocks, -1).max(-1) == scale.astype(np.float32))
+
+
+def test_zero_blocks_are_exact_and_nan_free_and_the_block_maximum_is_exact():
+  values = np.zeros((2, 512), np.float32)
+  values[1, 256:] = _wide_values(np.random.default_rng(2), (256,))
+  values[1, 300] = 7.25
+  for uniform in (None, lm.uniform(jnp.int32(3), 0, values.shape)):
+    q = lm.quantize(jnp.asarray(values), 2, uniform)
+    back = np.asarray(lm.dequantize(q))
+    assert np.all(np.isfinite(back)) and np.all(np.isfinite(np.asarray(q.scale)))
+    np.testing.assert_array_equal(back[:, :256], 0.0)
+    np.testing.assert_array_equal(back[0], 0.0)
+    np.testing.assert_array_equal(np.asarray(q.scale)[:, 0], 0.0)
+    assert back[1, 300] == 7.25
+    assert np.all(back[values == 0] == 0)
+
+
+def test_codes_are_monotone_in_the_value():
+  values = np.sort(_wide_values(np.random.default_rng(3), (1, 256), octaves=30), axis=-1)
+  values[0, -1] = 1.0
+  codes = np.asarray(lm.quantize(jnp.asarray(values), 1, None).codes)[0].astype(int)
+  assert np.all(np.diff(codes) >= 0)
+  assert codes[-1] == 255 and len(np.unique(codes)) > 60
+
+
+def _draws(fn, num):
+  """fn(count) for counts 0..num−1 in one vmapped call."""
+  return np.asarray(jax.jit(jax.vmap(fn))(jnp.arange(num, dtype=jnp.int32)), np.float64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_stochastic_rounding_to_16_bits_is_unbiased(dtype):
+  """Mean of 4,000 draws within 5 standard errors of the value, for values spread between
+  neighbours; and never more than one neighbour away."""
+  rng = np.random.default_rng(4)
+  values = (2.0 ** rng.uniform(-10, 10, 64)).astype(np.float32)
+  rounded = lambda c: lm.round_stochastically(jnp.asarray(values), dtype, lm.uniform(c, 0, (64,)))
+  draws = _draws(lambda c: rounded(c).astype(jnp.float32), 4000)
+  nearest = np.asarray(jnp.asarray(values).astype(dtype).astype(jnp.float32), np.float64)
+  spacing = np.abs(nearest) * float(jnp.finfo(dtype).eps)
+  assert np.all(np.abs(draws - values) <= spacing * 1.0001)
+  p = np.clip(np.abs(values - np.floor(values / spacing) * spacing) / spacing, 1e-3, 1)
+  stderr = spacing * np.sqrt(p * (1 - p) / 4000) + spacing * 1e-3
+  assert np.all(np.abs(draws.mean(0) - values) <= 5 * stderr)
+  assert np.abs(draws.mean(0) - values).max() < np.abs(nearest - values).max() / 3
+
+
+def test_stochastic_rounding_to_8_bit_codes_is_unbiased():
+  rng = np.random.default_rng(5)
+  values = _wide_values(rng, (256,), octaves=30)
+  values[0] = 1.0
+  fn = lambda c: lm.dequantize(lm.quantize(jnp.asarray(values), 1, lm.uniform(c, 0, (256,))))
+  draws = _draws(fn, 4000)
+  gap = values * (2.0**GAMMA - 1) + 2.0**-24  # upper bound of the distance between neighbours
+  assert np.all(np.abs(draws - values) <= gap)
+  stderr = gap * 0.5 / np.sqrt(4000)
+  assert np.all(np.abs(draws.mean(0) - values) <= 5 * stderr)
+
+
+def _constant_gradient_averages(keywords, *phases):
+  """E[g²] and E[Δx²] (float64) after each (gradient, steps) phase in turn."""
+  tx = optax_adadelta.scale_by_adadelta(RHO, EPS, **keywords)
+  state = tx.init({"w": jnp.asarray(phases[0][0])})
+
+  @jax.jit
+  def run(state, g, steps):
+    return jax.lax.fori_loop(0, steps, lambda _, s: tx.update({"w": g}, s)[1], state)
+
+  for g, steps in phases:
+    state = run(state, jnp.asarray(g), steps)
+  return [np.asarray(lm.average_values(a)["w"], np.float64) for a in (state.e_g2, state.e_dx2)]
+
+
+def test_bfloat16_stall_is_reproduced_without_stochastic_rounding_and_gone_with_it():
+  ones = (np.ones(4096, np.float32), 400)
+  want_g2, want_dx2 = _constant_gradient_averages({}, ones)
+  stall_g2, stall_dx2 = _constant_gradient_averages({"accumulator_dtype": jnp.bfloat16}, ones)
+  sr_g2, sr_dx2 = _constant_gradient_averages(FORMATS["bf16_sr"], ones)
+  assert stall_g2.mean() < 0.97 and stall_dx2.mean() < 0.8 * want_dx2.mean()  # the issue's stall
+  assert abs(sr_g2.mean() - want_g2.mean()) < 2e-3
+  assert abs(sr_dx2.mean() / want_dx2.mean() - 1) < 0.01
+
+
+def test_8bit_stall_without_stochastic_rounding_is_gone_with_it():
+  """Gradients 10 everywhere, then 1 except at each block's first element: E[g²] decays
+  from 100 toward 1 by 5 % of the difference per step, and adjacent codes are 6.8 % apart,
+  so rounded to nearest it stops near 3; rounded stochastically it follows float32."""
+  tens = np.full((4, 1024), 10.0, np.float32)
+  g = np.ones((4, 1024), np.float32)
+  g[:, ::256] = 10.0
+  phases = (tens, 100), (g, 300)
+  want_g2, want_dx2 = _constant_gradient_averages({}, *phases)
+  near_g2, _ = _constant_gradient_averages(FORMATS["8bit_nearest"], *phases)
+  sr_g2, sr_dx2 = _constant_gradient_averages(FORMATS["8bit"], *phases)
+  ones = g == 1
+  print(
+    f"E[g²] where g = 1: float32 {want_g2[ones].mean():.4f}, 8-bit nearest "
+    f"{near_g2[ones].mean():.4f}, 8-bit stochastic {sr_g2[ones].mean():.4f}"
+  )
+  assert near_g2[ones].mean() > 2 * want_g2[ones].mean()
+  assert abs(sr_g2[ones].mean() / want_g2[ones].mean() - 1) < 0.02
+  # E[Δx²] sees the noise of E[g²] through 1/√(E[g²]+ε), which is convex: a few % above
+  assert abs(sr_dx2[ones].mean() / want_dx2[ones].mean() - 1) < 0.05
+
+
+# Layout, bytes and errors -------------------------------------------------------------
+
+
+def test_8bit_state_has_about_two_bytes_per_parameter_and_small_leaves_stay_full():
+  params = {"w": jnp.zeros((512, 768)), "b": jnp.zeros(768), "odd": jnp.zeros((8, 997))}
+  state = optax_adadelta.scale_by_adadelta(state_bits=8).init(params)
+  assert state.e_g2["w"].codes.dtype == jnp.uint8 and state.e_g2["w"].scale.shape == (512, 3)
+  assert state.e_g2["b"].dtype == jnp.float32  # 768 < min_8bit_size
+  assert state.e_g2["odd"].dtype == jnp.float32  # 997 is prime: no block of 32 to 256
+  w_bytes = lm.state_bytes((state.e_g2["w"], state.e_dx2["w"])) / params["w"].size
+  assert w_bytes <= 2.1
+  print(f"8-bit state: {w_bytes:.4f} bytes per parameter for a 512 x 768 leaf")
+
+
+@pytest.mark.parametrize(
+  "keywords, error, match",
+  [
+    ({"state_bits": 4}, ValueError, "state_bits must be 8"),
+    ({"state_bits": True}, ValueError, "state_bits must be 8"),
+    ({"state_bits": "8"}, ValueError, "state_bits must be 8"),
+    ({"stochastic_rounding": True, "accumulator_dtype": jnp.float32}, ValueError, "narrower"),
+    ({"stochastic_rounding": 1}, TypeError, "stochastic_rounding must be True or False"),
+    ({"state_bits": 8, "min_8bit_size": -1}, ValueError, "min_8bit_size must be >= 0"),
+    ({"state_bits": 8, "min_8bit_size": 2.5}, TypeError, "min_8bit_size must be an int"),
+    ({"state_bits": 8, "packed_state": True}, ValueError, "packed_state=True cannot be combined"),
+    ({"state_bits": 8, "implementation": "native"}, ValueError, "implementation='native' cannot"),
+  ],
+)
+def test_bad_arguments_are_refused_naming_the_argument(keywords, error, match):
+  with pytest.raises(error, match=match):
+    optax_adadelta.adadelta(**keywords)
+
+
+def test_stochastic_rounding_of_a_float32_state_is_refused_at_init():
+  tx = optax_adadelta.adadelta(stochastic_rounding=True)  # the state follows the params
+  tx.init({"w": jnp.zeros(3, jnp.bfloat16)})
+  with pytest.raises(ValueError, match=r"narrower than float32.*here is float32"):
+    tx.init({"w": jnp.zeros(3, jnp.float32)})
+
+
+# The transform's promises -------------------------------------------------------------
+
+
+def _run(tx, params, grads_list, jit=True):
+  state = tx.init(params)
+  update = jax.jit(tx.update) if jit else tx.update
+  for g in grads_list:
+    updates, state = update(g, state, params)
+    params = optax.apply_updates(params, updates)
+  return params, state
+
+
+def _grads(seed, num=5, shape=(4, 1024)):
+  rng = np.random.default_rng(seed)
+  return [{"w": jnp.asarray(rng.standard_normal(shape), jnp.float32)} for _ in range(num)]
+
+
+def _assert_mostly_close(got, want, rtol=1e-5, fraction=0.01):
+  """All but `fraction` of the elements within `rtol`: a value that fell on the other side
+  of a rounding boundary (stochastic or nearest) differs by up to a code step."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  far = np.abs(got - want) > rtol * np.abs(want) + 1e-30
+  assert np.mean(far) <= fraction, f"{np.sum(far)} of {far.size} differ by more than {rtol}"
+  np.testing.assert_allclose(got, want, rtol=0.1)
+
+
+def _assert_trees_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_jit_and_eager_agree_and_the_counter_counts(fmt):
+  """XLA fuses the jitted float32 arithmetic differently (an ulp here and there), which may
+  move a stored value to its other neighbour: agreement to one code step."""
+  tx = optax_adadelta.adadelta(**FORMATS[fmt])
+  params = {"w": jnp.zeros((4, 1024))}
+  jitted, eager = _run(tx, params, _grads(0)), _run(tx, params, _grads(0), jit=False)
+  _assert_mostly_close(jitted[0]["w"], eager[0]["w"])
+  for a, b in ((jitted[1][1].e_g2, eager[1][1].e_g2), (jitted[1][1].e_dx2, eager[1][1].e_dx2)):
+    _assert_mostly_close(lm.average_values(a)["w"], lm.average_values(b)["w"])
+  assert int(jitted[1][1].count) == int(eager[1][1].count) == 5
+
+
+@pytest.mark.parametrize("fmt", ["bf16_sr", "8bit"])
+def test_vmap_over_independent_problems_equals_separate_runs(fmt):
+  tx = optax_adadelta.adadelta(**FORMATS[fmt])
+  params = {"w": jnp.zeros((3, 4, 1024))}
+  stack = lambda *g: jnp.stack(g)
+  grads = [jax.tree.map(stack, *[_grads(s)[t] for s in range(3)]) for t in range(5)]
+  state = jax.vmap(tx.init)(params)
+  update = jax.jit(jax.vmap(tx.update))
+  for g in grads:
+    _, state = update(g, state, params)
+  for s in range(3):
+    _, alone = _run(tx, {"w": jnp.zeros((4, 1024))}, _grads(s))
+    _assert_trees_equal(jax.tree.map(lambda x, s=s: x[s], state), alone)
+
+
+@pytest.mark.parametrize("fmt", ["bf16_sr", "8bit"])
+def test_vmap_over_rho_and_eps_matches_each_value_alone(fmt):
+  rhos, epss = jnp.array([0.9, 0.95]), jnp.array([1e-6, 1e-4])
+  params = {"w": jnp.zeros((4, 1024))}
+
+  def run(rho, eps):
+    return _run(optax_adadelta.adadelta(1.0, rho, eps, **FORMATS[fmt]), params, _grads(1))[0]
+
+  batched = jax.jit(jax.vmap(run))(rhos, epss)
+  for i in range(2):
+    alone = jax.jit(run)(rhos[i], epss[i])
+    _assert_mostly_close(batched["w"][i], alone["w"])
+
+
+def test_inject_hyperparams_keeps_the_state_structure_and_the_numbers():
+  params = {"w": jnp.zeros((4, 1024))}
+  plain = optax_adadelta.adadelta(1.0, 0.9, 1e-5, state_bits=8)
+  injected = optax.inject_hyperparams(optax_adadelta.adadelta, static_args=("state_bits",))(
+    learning_rate=1.0, rho=0.9, eps=1e-5, state_bits=8
+  )
+  want, got = _run(plain, params, _grads(2)), _run(injected, params, _grads(2))
+  assert jax.tree.structure(got[1].inner_state) == jax.tree.structure(want[1])
+  _assert_mostly_close(got[0]["w"], want[0]["w"])
+
+
+@pytest.mark.parametrize("fmt", ["bf16_sr", "8bit"])
+def test_apply_if_finite_leaves_the_state_and_counter_unchanged_on_a_bad_batch(fmt):
+  tx = optax.apply_if_finite(optax_adadelta.adadelta(**FORMATS[fmt]), max_consecutive_errors=3)
+  params = {"w": jnp.zeros((4, 1024))}
+  _, state = _run(tx, params, _grads(3, num=2))
+  bad = {"w": jnp.full((4, 1024), jnp.nan)}
+  _, after = jax.jit(tx.update)(bad, state, params)
+  _assert_trees_equal(after.inner_state, state.inner_state)
+
+
+def test_checkpoint_resume_is_bit_exact(tmp_path):
+  pytest.importorskip("orbax.checkpoint")
+  from optax_adadelta import checkpoint
+
+  tx = optax_adadelta.adadelta(state_bits=8)
+  params = {"w": jnp.zeros((4, 1024)), "b": jnp.zeros(7)}
+  grads = [{"w": g["w"], "b": g["w"][0, :7]} for g in _grads(4, num=6)]
+  want = _run(tx, params, grads)
+  half = _run(tx, params, grads[:3])
+  checkpoint.save(tmp_path / "ckpt", *half, step=3)
+  restored = checkpoint.restore(tmp_path / "ckpt", params, tx.init(params))
+  state, p = restored.opt_state, restored.params
+  update = jax.jit(tx.update)
+  for g in grads[3:]:
+    updates, state = update(g, state, p)
+    p = optax.apply_updates(p, updates)
+  _assert_trees_equal((p, state), want)
+
+
+def test_interop_exports_the_dequantized_state_and_refuses_to_import_into_it():
+  torch = pytest.importorskip("torch")
+  from optax_adadelta import interop
+
+  params = {"w": jnp.zeros((4, 1024))}
+  tx = optax_adadelta.adadelta(state_bits=8)
+  _, state = _run(tx, params, _grads(5))
+  weight = torch.nn.Parameter(torch.zeros(4, 1024))
+  template = torch.optim.Adadelta([weight]).state_dict()
+  exported = interop.to_torch(state, template, step=5)
+  square_avg = exported["state"][0]["square_avg"].numpy()
+  q = state[1].e_g2["w"]
+  np.testing.assert_allclose(square_avg, np_dequantize(q.codes, q.scale), rtol=1e-6)
+  with pytest.raises(ValueError, match="cannot load into a low-memory state"):
+    interop.from_torch(state, exported)
+
+
+@needs_eight_devices
+@pytest.mark.parametrize("fmt", ["bf16_sr", "8bit"])
+def test_named_sharding_state_follows_params_without_collectives(fmt):
+  """A 4 x 2 mesh; the weight's last axis split 2 ways (512 per shard: blocks of 256 stay
+  inside a shard), the first 4 ways. The state (codes and scales) is laid out like the
+  parameter, and the compiled update has no collective."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  sharding = NamedSharding(mesh, P("data", "model"))
+  params = {"w": jax.device_put(jnp.zeros((8, 1024)), sharding)}
+  tx = optax_adadelta.adadelta(**FORMATS[fmt])
+  state = tx.init(params)
+  averages = [state[1].e_g2["w"], state[1].e_dx2["w"]]
+  for leaf in jax.tree.leaves(averages):
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), leaf.sharding
+  grads = jax.device_put(_grads(6, shape=(8, 1024))[0], sharding)
+  update = jax.jit(tx.update)
+  hlo = update.lower(grads, state, params).compile().as_text()
+  for collective in ("all-gather", "all-reduce", "collective-permute", "all-to-all"):
+    assert collective not in hlo, collective
+  _, new_state = update(grads, state, params)
+  for leaf in jax.tree.leaves([new_state[1].e_g2["w"], new_state[1].e_dx2["w"]]):
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+  _, unsharded = jax.jit(tx.update)(jax.device_get(grads), jax.device_get(state))
+  _assert_trees_equal(new_state, unsharded)
+
+
+@needs_eight_devices
+def test_blocks_follow_the_shard_not_the_whole_axis():
+  """768 split 8 ways is 96 per shard: blocks of 96, not 256 (which would straddle)."""
+  mesh = jax.make_mesh((8,), ("model",))
+  params = {"w": jax.device_put(jnp.zeros((16, 768)), NamedSharding(mesh, P(None, "model")))}
+  state = optax_adadelta.scale_by_adadelta(state_bits=8).init(params)
+  assert state.e_g2["w"].scale.shape == (16, 8)
+  unsharded = optax_adadelta.scale_by_adadelta(state_bits=8).init({"w": jnp.zeros((16, 768))})
+  assert unsharded.e_g2["w"].scale.shape == (16, 3)
