@@ -103,7 +103,9 @@ def state_shardings(abstract_state: Any, mesh: Mesh, axis: Axis = "data") -> Any
   first of equally large ones); a leaf without one (a scalar count, a bias shorter than
   the axis) is replicated. Every array leaf of the state is laid out this way, Adadelta's
   E[g²] and E[Δx²] and any other (a parameter EMA, momentum), whatever its dtype: a
-  bfloat16 state (``accumulator_dtype``) splits like a float32 one.
+  bfloat16 state (``accumulator_dtype``) splits like a float32 one. An 8-bit average
+  (``state_bits=8``) splits its codes and block scales along the same dimension; along
+  the last one only if its blocks divide evenly (else a ValueError says what to do).
 
   Args:
     abstract_state: the state or its shapes, e.g. ``jax.eval_shape(tx.init, params)``.
@@ -124,7 +126,40 @@ def state_shardings(abstract_state: Any, mesh: Mesh, axis: Axis = "data") -> Any
   """
   names = _axis_names(mesh, axis)
   _refuse_packed(abstract_state)
-  return jax.tree.map(lambda leaf: _leaf_sharding(leaf, mesh, names), abstract_state)
+  return jax.tree.map(
+    lambda leaf: (
+      _quantized_sharding(leaf, mesh, names)
+      if _is_quantized(leaf)
+      else _leaf_sharding(leaf, mesh, names)
+    ),
+    abstract_state,
+    is_leaf=_is_quantized,
+  )
+
+
+def _is_quantized(node: Any) -> bool:
+  from optax_adadelta import QuantizedAverage
+
+  return isinstance(node, QuantizedAverage)
+
+
+def _quantized_sharding(average: Any, mesh: Mesh, names: tuple[str, ...]) -> Any:
+  """An 8-bit average's codes and block scales, split along the dimension the gradient of
+  its parameter is split along (:func:`shard_gradients`), with whole blocks per device."""
+  shape, blocks = tuple(average.codes.shape), average.scale.shape[-1]
+  size = math.prod(mesh.shape[n] for n in names)
+  dim = _split_dimension(shape, size)
+  if dim == len(shape) - 1 and blocks % size:
+    raise ValueError(
+      f"state_shardings would split an 8-bit average of shape {shape} along its last axis "
+      f"into {size} pieces, but its {blocks} blocks of {shape[-1] // blocks} do not divide "
+      "evenly among them. Call tx.init on parameters laid out as the split (jax.device_put("
+      "params, state_shardings(params, mesh))): the blocks then fit in each piece."
+    )
+  spec: list[Any] = [None] * len(shape)
+  if dim is not None:
+    spec[dim] = names[0] if len(names) == 1 else names
+  return type(average)(NamedSharding(mesh, P(*spec)), NamedSharding(mesh, P(*spec)))
 
 
 def _constrain(tree: Any, shardings: Any) -> Any:
