@@ -428,3 +428,36 @@ def test_blocks_follow_the_shard_not_the_whole_axis():
   assert state.e_g2["w"].scale.shape == (16, 8)
   unsharded = optax_adadelta.scale_by_adadelta(state_bits=8).init({"w": jnp.zeros((16, 768))})
   assert unsharded.e_g2["w"].scale.shape == (16, 3)
+
+
+@needs_eight_devices
+def test_zero_split_8bit_state_keeps_blocks_whole_and_updates_without_gathering_the_state():
+  """sharding.state_shardings splits codes and scales alike, as shard_gradients splits the
+  gradient (here the last axis: 1024 / 8 = 128 per device, so init on the split parameters
+  picks blocks of 128); the ZeRO step's only collective is the all-gather of the updates,
+  and its result is the replicated-state step's."""
+  import optax_adadelta.sharding as zero
+
+  mesh = jax.make_mesh((8,), ("data",))
+  tx = optax_adadelta.adadelta(state_bits=8)
+  params = {"w": jnp.zeros((16, 1024))}
+  with pytest.raises(ValueError, match="do not divide evenly"):
+    zero.state_shardings(jax.eval_shape(tx.init, params), mesh)  # blocks of 256
+  split_params = jax.device_put(params, zero.state_shardings(params, mesh))
+  shardings = zero.state_shardings(jax.eval_shape(tx.init, split_params), mesh)
+  w = shardings[1].e_g2["w"]
+  assert w.codes.spec == w.scale.spec == P(None, "data")
+  state = jax.device_put(tx.init(split_params), shardings)
+  assert state[1].e_g2["w"].scale.shape == (16, 8)
+  grads = _grads(7, shape=(16, 1024))[0]
+
+  @jax.jit
+  def step(grads, state):
+    updates, state = tx.update(zero.shard_gradients(grads, mesh), state)
+    return zero.replicate_updates(updates, mesh), state
+
+  hlo = step.lower(grads, state).compile().as_text()
+  assert "all-reduce" not in hlo and "all-to-all" not in hlo
+  updates, new_state = step(grads, state)
+  want_updates, want_state = jax.jit(tx.update)(grads, tx.init(split_params))
+  _assert_trees_equal((updates, new_state), (want_updates, want_state))
