@@ -328,7 +328,8 @@ def test_vmap_over_rho_and_eps_matches_each_value_alone(fmt):
   params = {"w": jnp.zeros((4, 1024))}
 
   def run(rho, eps):
-    return _run(optax_adadelta.adadelta(1.0, rho, eps, **FORMATS[fmt]), params, _grads(1))[0]
+    tx = optax_adadelta.adadelta(1.0, rho, eps, **FORMATS[fmt])
+    return _run(tx, params, _grads(1, num=3))[0]
 
   batched = jax.jit(jax.vmap(run))(rhos, epss)
   for i in range(2):
@@ -391,6 +392,22 @@ def test_interop_exports_the_dequantized_state_and_refuses_to_import_into_it():
   np.testing.assert_allclose(square_avg, np_dequantize(q.codes, q.scale), rtol=1e-6)
   with pytest.raises(ValueError, match="cannot load into a low-memory state"):
     interop.from_torch(state, exported)
+
+
+@needs_eight_devices
+def test_pmap_replicated_state_is_the_same_on_every_device_and_equals_one_device():
+  """The random bits depend on the counter and the coordinate, not on the device."""
+  tx = optax_adadelta.adadelta(state_bits=8)
+  params = {"w": jnp.zeros((4, 1024))}
+  grads = _grads(8, num=2)
+  replicate = lambda tree: jax.tree.map(lambda x: jnp.stack([x] * 8), tree)
+  state = replicate(tx.init(params))
+  update = jax.pmap(tx.update)
+  for g in grads:
+    _, state = update(replicate(g), state, replicate(params))
+  _, want = _run(tx, params, grads)
+  for device in range(8):
+    _assert_trees_equal(jax.tree.map(lambda x, d=device: x[d], state), want)
 
 
 @needs_eight_devices
