@@ -3,7 +3,7 @@
     python -m benchmarks.low_memory speed --smoke     # seconds: every case ~1000x smaller
     python -m benchmarks.low_memory speed             # cases (a), (b), (c) of step.py
     python -m benchmarks.low_memory accuracy --smoke  # seconds: a few steps of each task
-    python -m benchmarks.low_memory accuracy          # 3 seeds x 4 state formats x 4 tasks
+    python -m benchmarks.low_memory accuracy          # 3 seeds x 4 state formats x 6 tasks
 
 Formats: the float32 state (the default, the native CPU kernel where it applies, and the
 pure-JAX path), bfloat16 rounded to nearest (``accumulator_dtype=jnp.bfloat16``), bfloat16
@@ -200,6 +200,36 @@ def _slow_regression_task(smoke):
   return f"slow regression (4,096 weights, {num_steps} steps of batch 256): training loss", run
 
 
+def _separable_l1_task(num_steps, smoke):
+  """Σ aᵢ|wᵢ − cᵢ| from w = 0, aᵢ log-uniform in [0.01, 1]: each gradient is ±aᵢ until wᵢ
+  reaches cᵢ, the constant-gradient regime where a bfloat16 average rounded to nearest
+  stalls (E[Δx²] stops growing once its increments fall under half an ulp)."""
+  dim = 4096
+  num_steps = min(num_steps, 50) if smoke else num_steps
+
+  def run(keywords, seed):
+    rng = np.random.default_rng(seed)
+    a = jnp.asarray(np.exp(rng.uniform(np.log(1e-2), 0, dim)).astype(np.float32))
+    c = jnp.asarray(rng.standard_normal(dim).astype(np.float32))
+    loss = lambda w: jnp.sum(a * jnp.abs(w - c))
+    tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **keywords)
+
+    @jax.jit
+    def steps(w, state):
+      def step(carry, _):
+        w, state = carry
+        updates, state = tx.update(jax.grad(loss)(w), state, w)
+        return (optax.apply_updates(w, updates), state), None
+
+      return jax.lax.scan(step, (w, state), None, length=num_steps)[0]
+
+    w = jnp.zeros(dim)
+    w, _ = steps(w, tx.init(w))
+    return float(loss(w))
+
+  return f"separable L1, 4,096 weights, constant-magnitude gradients, {num_steps} steps: loss", run
+
+
 def accuracy(args) -> dict:
   tasks = []
   for name in args.tasks:
@@ -209,6 +239,8 @@ def accuracy(args) -> dict:
       tasks.append(_airfoil_task(args.smoke))
     elif name == "regression":
       tasks.append(_slow_regression_task(args.smoke))
+    elif name == "l1":
+      tasks += [_separable_l1_task(n, args.smoke) for n in (300, 3000)]
   results = {}
   for title, run in tasks:
     results[title] = {}
@@ -238,7 +270,12 @@ def main(argv=None) -> None:
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--cases", nargs="+", default=["a", "b", "c"], choices=sorted(CASES))
-  parser.add_argument("--tasks", nargs="+", default=["mnist", "airfoil", "regression"])
+  parser.add_argument(
+    "--tasks",
+    nargs="+",
+    default=["l1", "regression", "airfoil", "mnist"],
+    choices=["l1", "regression", "airfoil", "mnist"],
+  )
   parser.add_argument("--seeds", type=int, default=None)
   parser.add_argument("--out", type=Path, default=None, help="write <what>.json and .md here")
   args = parser.parse_args(argv)
