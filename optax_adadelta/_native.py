@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -129,9 +130,9 @@ def update_tree(updates, e_g2, e_dx2, hyper: Hyper, rule: Callable[..., Leaf]):
   `rule(g, e_g2, e_dx2)` is the pure-JAX update of one leaf that the kernel stands for; it
   updates the other leaves (other dtypes, scalars, None gradients).
   """
-  treedef = jax.tree.structure(updates, is_leaf=lambda x: x is None)
-  leaves = zip(*(treedef.flatten_up_to(t) for t in (updates, e_g2, e_dx2)), strict=True)
-  leaves = [(g if g is None else jnp.asarray(g), a, b) for g, a, b in leaves]
+  treedef: Any = jax.tree.structure(updates, is_leaf=lambda x: x is None)
+  columns = zip(*(treedef.flatten_up_to(t) for t in (updates, e_g2, e_dx2)), strict=True)
+  leaves = [(g if g is None else jnp.asarray(g), a, b) for g, a, b in columns]
   native = [
     i for i, (g, a, b) in enumerate(leaves) if g is not None and g.ndim and supports(g, a, b)
   ]
@@ -190,6 +191,7 @@ def _partitioned(ranks: tuple[int, ...]):
 def _cpu_lowering(ctx, *flat, hyper, rule):
   context, axes = ctx.module_context, ctx.module_context.axis_context
   sharded = type(axes).__name__ == "ShardingContext" and axes.num_devices > 1
+  fn: Callable
   if context.lowering_parameters.for_export or (sharded and axes.device_assignment is None):
     fn = functools.partial(_by_rule, rule=rule)
   elif sharded:

@@ -361,7 +361,7 @@ def restore(
 
   Args:
     directory: a checkpoint written by :func:`save`.
-    params: a template of the parameters: arrays or ``jax.ShapeDtypeStruct``s. Each
+    params: a template of the parameters: arrays or ``jax.ShapeDtypeStruct`` objects. Each
       restored array takes its template's sharding, which may differ from the saved one.
     opt_state: a template of the state, e.g. ``jax.eval_shape(tx.init, params)`` for the
       optimizer to resume (with ``Explicit`` mesh axes it carries the shardings; call
@@ -396,7 +396,7 @@ class Checkpoints:
 
   Each step is written to a temporary directory and renamed when complete, so a crash
   during a save leaves the earlier steps restorable and :meth:`restore` takes the latest
-  complete one. Only the last ``max_to_keep`` steps are kept.
+  complete one. Only the last ``max_to_keep`` steps are kept::
 
     with checkpoint.Checkpoints("/ckpt", max_to_keep=3) as checkpoints:
       if checkpoints.latest_step() is not None:

@@ -5,7 +5,7 @@ their Adadelta state too: E[g²] and E[Δx²] follow the parameters' sharding. N
 update needs the whole state on one device (each coordinate is updated on its own), so
 each device can keep 1/N of it: the device updates its slice of the state with its slice
 of the (averaged) gradients, and one all-gather per leaf hands every device the whole
-update. The parameters stay replicated.
+update. The parameters stay replicated::
 
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   tx = optax_adadelta.adadelta()

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 import optax_adadelta
-from optax_adadelta import datasets, mlp
+from optax_adadelta.demo import datasets, mlp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import flax_linen

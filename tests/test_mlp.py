@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import optax_adadelta
-from optax_adadelta import mlp
+from optax_adadelta.demo import mlp
 
 
 def test_effective_learning_rates_skip_weights_that_never_saw_a_gradient():

@@ -31,7 +31,7 @@ if os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1":
   if _native.unavailable_reason():
     pytest.skip(f"native kernel: {_native.unavailable_reason()}", allow_module_level=True)
 
-BIT_IDENTICAL_ON = {"0.10.2", "0.7.2"}  # jaxlib versions checked to give the kernel's bits
+BIT_IDENTICAL_ON = {"0.10.2", "0.8.2"}  # jaxlib versions checked to give the kernel's bits
 DTYPES = {  # parameter dtype, accumulator dtype
   "f32": (jnp.float32, None),
   "bf16_f32": (jnp.bfloat16, jnp.float32),
