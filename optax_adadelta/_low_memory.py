@@ -27,8 +27,8 @@ in the state:
   stochastically (unbiased in E) when ``stochastic_rounding`` is True, the default for
   8-bit, else to the nearer code in E.
 
-The random bits are a counter-based hash of (step counter, leaf number, which average,
-coordinate's index in the whole leaf): reproducible, restored with the state, the same for
+The random bits are a counter-based hash of (step counter, leaf number, coordinate's index
+in the whole leaf), 16 bits for each average: reproducible, restored with the state, the same for
 a replicated leaf on every device, different on every shard of a sharded one, and under
 ``vmap`` the same as separate runs. Inside ``shard_map`` the index is the shard's own.
 """
@@ -115,12 +115,12 @@ def dequantize(q: QuantizedAverage) -> jax.Array:
   return values.reshape(q.codes.shape)
 
 
-def quantize(values: jax.Array, blocks: int, uniform: jax.Array | None) -> QuantizedAverage:
-  """Codes for non-negative float32 `values`, rounded up with probability `uniform` < p.
+def quantize(values: jax.Array, blocks: int, bits: jax.Array | None) -> QuantizedAverage:
+  """Codes for non-negative float32 `values`, rounded up with probability p.
 
   p is the position of the value between its two neighbouring codes, linearly in E, so the
-  mean of the stored E over `uniform` ~ U[0, 1) is the value; `uniform=None` rounds to the
-  nearer code in E (p ≥ 1/2).
+  mean of the stored E over 16 random `bits` per value is the value (to within 2⁻¹⁷ of a
+  code step); `bits=None` rounds to the nearer code in E (p > 1/2).
   """
   grouped = _blocks(values.astype(jnp.float32), blocks)
   scale = jnp.max(grouped, axis=-1)
@@ -133,7 +133,7 @@ def quantize(values: jax.Array, blocks: int, uniform: jax.Array | None) -> Quant
   low_value, high_value = _level(low), _level(high)
   gap = high_value - low_value
   p = jnp.where(gap > 0, (x - low_value) / jnp.where(gap > 0, gap, 1.0), 0.0)
-  threshold = 0.5 if uniform is None else _blocks(uniform, blocks)
+  threshold = 0.5 if bits is None else _blocks(to_uniform(bits), blocks)
   codes = jnp.where(p > threshold, high, low)  # p > u has probability p for u ~ U[0, 1)
   codes = jnp.where(x >= 1.0, jnp.uint8(255), codes)  # the block's maximum exactly
   return QuantizedAverage(codes.reshape(values.shape), scale)
@@ -142,8 +142,17 @@ def quantize(values: jax.Array, blocks: int, uniform: jax.Array | None) -> Quant
 # Stochastic rounding to 16 bits ------------------------------------------------------
 
 
-def round_stochastically(values: jax.Array, dtype: Any, uniform: jax.Array) -> jax.Array:
-  """`values` (float32, ≥ 0) in `dtype`, the upper neighbour with probability (v−lo)/(hi−lo)."""
+def round_stochastically(values: jax.Array, dtype: Any, bits: jax.Array) -> jax.Array:
+  """`values` (float32, ≥ 0) in `dtype`, the upper neighbour with probability (v−lo)/(hi−lo).
+
+  `bits`: 16 random bits per value (uint32 below 2¹⁶). For bfloat16 they are added to the
+  16 bits that bfloat16 drops, which carries into the kept bits with exactly that
+  probability; float16 compares a uniform number with the position between neighbours.
+  """
+  if jnp.dtype(dtype) == jnp.bfloat16:
+    raised = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32) + bits
+    kept = jax.lax.bitcast_convert_type(raised & jnp.uint32(0xFFFF0000), jnp.float32)
+    return kept.astype(dtype)  # exact: the dropped bits are zero
   nearest = values.astype(dtype)
   below = nearest.astype(jnp.float32) > values
   toward = jnp.where(below, jnp.asarray(-jnp.inf, dtype), jnp.asarray(jnp.inf, dtype))
@@ -153,7 +162,7 @@ def round_stochastically(values: jax.Array, dtype: Any, uniform: jax.Array) -> j
   low32, high32 = low.astype(jnp.float32), high.astype(jnp.float32)
   gap = high32 - low32
   p = jnp.where(jnp.isfinite(gap) & (gap > 0), (values - low32) / gap, 0.0)
-  return jnp.where(uniform < p, high, low)
+  return jnp.where(to_uniform(bits) < p, high, low)
 
 
 # Counter-based random numbers --------------------------------------------------------
@@ -168,16 +177,22 @@ def _mix(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def uniform(count: jax.Array, stream: int, shape: tuple[int, ...]) -> jax.Array:
-  """float32 in [0, 1) for each coordinate of a leaf, from (count, stream, index)."""
-  key = _mix(_mix(jnp.uint32(stream) * jnp.uint32(0x9E3779B9) + jnp.uint32(0x632BE5AB)))
+def random_bits(count: jax.Array, leaf: int, shape: tuple[int, ...]) -> jax.Array:
+  """32 random bits (uint32) per coordinate of a leaf, a hash of (count, leaf, index).
+
+  One hash per coordinate per step: its high 16 bits round E[g²], its low 16 bits E[Δx²].
+  """
+  key = _mix(jnp.uint32(leaf) * jnp.uint32(0x9E3779B9) + jnp.uint32(0x632BE5AB))
   key = _mix(key ^ jnp.asarray(count).astype(jnp.uint32))
   index = jnp.zeros(shape, jnp.uint32)
   for axis, length in enumerate(shape):
     index = index * jnp.uint32(length) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-  bits = _mix(index ^ key) + key
-  bits = _mix(bits)
-  return (bits >> 8).astype(jnp.float32) * jnp.float32(2.0**-24)
+  return _mix(index ^ key)
+
+
+def to_uniform(bits16: jax.Array) -> jax.Array:
+  """16 random bits as float32 (k + ½)/2¹⁶: P(u < p) is p to within 2⁻¹⁷."""
+  return (bits16.astype(jnp.float32) + 0.5) * jnp.float32(2.0**-16)
 
 
 # The transform -----------------------------------------------------------------------
@@ -248,19 +263,18 @@ def scale_by_adadelta_low_memory(
         continue
       step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
       steps.append(step)
-      new_g2.append(_store(a_new, a, state.count, 2 * number))
-      new_dx2.append(_store(b_new, b, state.count, 2 * number + 1))
+      bits = random_bits(state.count, number, g.shape) if stochastic_rounding else None
+      new_g2.append(_store(a_new, a, None if bits is None else bits >> 16))
+      new_dx2.append(_store(b_new, b, None if bits is None else bits & jnp.uint32(0xFFFF)))
     return treedef.unflatten(steps), LowMemoryAdadeltaState(
       state.count + 1, treedef.unflatten(new_g2), treedef.unflatten(new_dx2)
     )
 
-  def _store(value, old, count, stream):
+  def _store(value, old, bits):
     if is_quantized(old):
-      random = uniform(count, stream, value.shape) if stochastic_rounding else None
-      return quantize(value, old.scale.shape[-1], random)
-    if stochastic_rounding and _narrower_than_float32(old.dtype):
-      random = uniform(count, stream, value.shape)
-      return round_stochastically(value.astype(jnp.float32), old.dtype, random)
+      return quantize(value, old.scale.shape[-1], bits)
+    if bits is not None and _narrower_than_float32(old.dtype):
+      return round_stochastically(value.astype(jnp.float32), old.dtype, bits)
     return value.astype(old.dtype)
 
   return optax.GradientTransformation(init_fn, update_fn)

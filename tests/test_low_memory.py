@@ -124,8 +124,8 @@ def test_zero_blocks_are_exact_and_nan_free_and_the_block_maximum_is_exact():
   values = np.zeros((2, 512), np.float32)
   values[1, 256:] = _wide_values(np.random.default_rng(2), (256,))
   values[1, 300] = 7.25
-  for uniform in (None, lm.uniform(jnp.int32(3), 0, values.shape)):
-    q = lm.quantize(jnp.asarray(values), 2, uniform)
+  for bits in (None, lm.random_bits(jnp.int32(3), 0, values.shape) >> 16):
+    q = lm.quantize(jnp.asarray(values), 2, bits)
     back = np.asarray(lm.dequantize(q))
     assert np.all(np.isfinite(back)) and np.all(np.isfinite(np.asarray(q.scale)))
     np.testing.assert_array_equal(back[:, :256], 0.0)
@@ -154,7 +154,9 @@ def test_stochastic_rounding_to_16_bits_is_unbiased(dtype):
   neighbours; and never more than one neighbour away."""
   rng = np.random.default_rng(4)
   values = (2.0 ** rng.uniform(-10, 10, 64)).astype(np.float32)
-  rounded = lambda c: lm.round_stochastically(jnp.asarray(values), dtype, lm.uniform(c, 0, (64,)))
+  rounded = lambda c: lm.round_stochastically(
+    jnp.asarray(values), dtype, lm.random_bits(c, 0, (64,)) >> 16
+  )
   draws = _draws(lambda c: rounded(c).astype(jnp.float32), 4000)
   nearest = np.asarray(jnp.asarray(values).astype(dtype).astype(jnp.float32), np.float64)
   spacing = np.abs(nearest) * float(jnp.finfo(dtype).eps)
@@ -169,7 +171,9 @@ def test_stochastic_rounding_to_8_bit_codes_is_unbiased():
   rng = np.random.default_rng(5)
   values = _wide_values(rng, (256,), octaves=30)
   values[0] = 1.0
-  fn = lambda c: lm.dequantize(lm.quantize(jnp.asarray(values), 1, lm.uniform(c, 0, (256,))))
+  fn = lambda c: lm.dequantize(
+    lm.quantize(jnp.asarray(values), 1, lm.random_bits(c, 0, (256,)) & 0xFFFF)
+  )
   draws = _draws(fn, 4000)
   gap = values * (2.0**GAMMA - 1) + 2.0**-24  # upper bound of the distance between neighbours
   assert np.all(np.abs(draws - values) <= gap)
