@@ -130,7 +130,10 @@ def quantize(values: jax.Array, blocks: int, bits: jax.Array | None) -> Quantize
   low = jnp.clip(jnp.floor(position), 0.0, 255.0)
   low = jnp.where(x > 0, low, 0.0).astype(jnp.uint8)
   high = jnp.minimum(low.astype(jnp.int32) + 1, 255).astype(jnp.uint8)
-  low_value, high_value = _level(low), _level(high)
+  low_value = _level(low)
+  # E(c + 1) = E(c) · 2^γ: one exp2 per value, not two (and E(1) above E(0) = 0).
+  high_value = jnp.where(low == 0, jnp.float32(2.0 ** (-_GAMMA * 254)), low_value * 2.0**_GAMMA)
+  high_value = jnp.where(low == 255, low_value, high_value)
   gap = high_value - low_value
   p = jnp.where(gap > 0, (x - low_value) / jnp.where(gap > 0, gap, 1.0), 0.0)
   threshold = 0.5 if bits is None else _blocks(to_uniform(bits), blocks)
