@@ -74,7 +74,7 @@ class LowMemoryAdadeltaState(NamedTuple):
     e_dx2: E[Δx²], the same layout.
   """
 
-  count: jax.Array
+  count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
   e_g2: Any
   e_dx2: Any
 
@@ -210,7 +210,7 @@ def _shard_last(p: Any) -> int:
     except Exception:  # not an array, or no sharding in its type
       sharding = None
   try:
-    return int(sharding.shard_shape(tuple(p.shape))[-1])
+    return int(sharding.shard_shape(tuple(p.shape))[-1])  # type: ignore[union-attr]
   except Exception:  # no sharding, or one without a concrete mesh
     return int(p.shape[-1])
 
@@ -259,10 +259,14 @@ def scale_by_adadelta_low_memory(
     grads, treedef = _check(updates, state)
     e_g2 = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
     e_dx2 = _checks._leaves_like_state(treedef, state.e_dx2, "e_dx2")
-    steps, new_g2, new_dx2 = [], [], []
+    steps: list[Any] = []
+    new_g2: list[Any] = []
+    new_dx2: list[Any] = []
     for number, (g, a, b) in enumerate(zip(grads, e_g2, e_dx2, strict=True)):
-      if g is None:
-        steps.append(None), new_g2.append(a), new_dx2.append(b)
+      if g is None:  # a frozen parameter: its state stays
+        steps.append(None)
+        new_g2.append(a)
+        new_dx2.append(b)
         continue
       step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
       steps.append(step)

@@ -482,3 +482,13 @@ def test_zero_split_8bit_state_keeps_blocks_whole_and_updates_without_gathering_
   updates, new_state = step(grads, state)
   want_updates, want_state = jax.jit(tx.update)(grads, tx.init(split_params))
   _assert_trees_equal((updates, new_state), (want_updates, want_state))
+
+
+def test_a_none_gradient_leaves_its_state_unchanged():
+  tx = optax_adadelta.scale_by_adadelta(state_bits=8)
+  params = {"w": jnp.zeros((4, 1024)), "frozen": jnp.zeros((4, 1024))}
+  state = tx.init(params)
+  updates, new = jax.jit(tx.update)({"w": _grads(9)[0]["w"], "frozen": None}, state)
+  assert updates["frozen"] is None
+  _assert_trees_equal(new.e_g2["frozen"], state.e_g2["frozen"])
+  assert int(np.asarray(new.e_g2["w"].codes).max()) == 255
