@@ -4,6 +4,7 @@
     python -m benchmarks.low_memory speed             # cases (a), (b), (c) of step.py
     python -m benchmarks.low_memory accuracy --smoke  # seconds: a few steps of each task
     python -m benchmarks.low_memory accuracy          # 3 seeds x 4 state formats x 6 tasks
+    python -m benchmarks.low_memory figure1 --out benchmarks/results  # 50 epochs, 3 seeds
 
 Formats: the float32 state (the default, the native CPU kernel where it applies, and the
 pure-JAX path), bfloat16 rounded to nearest (``accumulator_dtype=jnp.bfloat16``), bfloat16
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import sys
@@ -115,12 +117,29 @@ def _speed_table(section) -> str:
 # Accuracy -----------------------------------------------------------------------------
 
 
-def _mnist_task(rho, eps, epochs, smoke):
-  from optax_adadelta.demo import datasets, mlp
+def _paper_lib():
+  """notebooks/paper_reproduction_lib.py, whose MNIST batching and setups these runs share."""
+  path = Path(__file__).resolve().parents[1] / "notebooks" / "paper_reproduction_lib.py"
+  if "paper_reproduction_lib" not in sys.modules:
+    spec = importlib.util.spec_from_file_location("paper_reproduction_lib", path)
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules["paper_reproduction_lib"] = module
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+  return sys.modules["paper_reproduction_lib"]
+
+
+def _mnist_data():
+  from optax_adadelta.demo import datasets
 
   data = datasets.load_mnist(os.environ.get("MNIST_DIR", "../shared/data/mnist"))
-  x_train, y_train = jnp.asarray(data.x_train), jnp.asarray(data.y_train)
-  x_test, y_test = jnp.asarray(data.x_test), jnp.asarray(data.y_test)
+  return tuple(map(jnp.asarray, (data.x_train, data.y_train, data.x_test, data.y_test)))
+
+
+def _mnist_task(rho, eps, epochs, smoke):
+  from optax_adadelta.demo import mlp
+
+  lib = _paper_lib()
+  x_train, y_train, x_test, y_test = _mnist_data()
   num_train = 2000 if smoke else len(x_train)
 
   def run(keywords, seed):
@@ -130,7 +149,7 @@ def _mnist_task(rho, eps, epochs, smoke):
     state = tx.init(params)
     steps = jax.jit(mlp.make_steps(tx))
     for epoch in range(1 if smoke else epochs):
-      batches = mlp.batch_order(jax.random.fold_in(key, epoch), num_train, 100)
+      batches = lib.epoch_batches(key, epoch, num_train)
       params, state, _ = steps(params, state, x_train, y_train, batches)
     return 100 * float(mlp.error_rate(params, x_test, y_test))
 
@@ -254,6 +273,91 @@ def accuracy(args) -> dict:
   return results
 
 
+def figure1(args) -> dict:
+  """Figure 1's run (Adadelta, ρ = 0.95, ε = 1e-6, 50 epochs) under the paper reproduction's
+  chosen setup C (tanh, N(0, 0.01²) weights, pixels / 255, mean loss), as its notebook
+  trains it: the same initial weights and batches per seed (``lib.train_grid``'s keys), so
+  the float32 curve of seed 0 is the notebook's Figure 1 Adadelta curve. Seeds are vmapped;
+  the formats take turns epoch by epoch, and the test errors so far are written to
+  ``--out`` after every epoch, so a run cut short leaves every format at the same epoch."""
+  lib = _paper_lib()
+  setup = lib.CANDIDATES["C"]
+  x_train, y_train, x_test, y_test = _mnist_data()
+  if args.smoke:
+    x_train, y_train, x_test, y_test = x_train[:2000], y_train[:2000], x_test[:500], y_test[:500]
+  seeds = list(range(args.seeds))
+  keys = jax.random.split(jax.random.key(0), max(seeds) + 1)[jnp.array(seeds)]
+  loss = lambda p, x, y: optax.softmax_cross_entropy_with_integer_labels(
+    lib.apply(p, x, setup.activation), y
+  ).mean()
+  error = jax.jit(
+    jax.vmap(
+      lambda p, x, y: jnp.mean(jnp.argmax(lib.apply(p, x, setup.activation), -1) != y),
+      in_axes=(0, None, None),
+    )
+  )
+  order = jax.jit(jax.vmap(lambda k, e: lib.epoch_batches(k, e, len(x_train)), in_axes=(0, None)))
+  runs = {}
+  for fmt in ACCURACY_FORMATS:
+    tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **FORMATS[fmt])
+
+    def init_one(key, tx=tx):
+      params = lib.init_params(jax.random.fold_in(key, 0), setup.init)
+      return params, tx.init(params)
+
+    def epoch_one(params, state, batches, x, y, tx=tx):
+      def step(carry, batch):
+        params, state = carry
+        grads = jax.grad(loss)(params, x[batch], y[batch])
+        updates, state = tx.update(grads, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+      return jax.lax.scan(step, (params, state), batches)[0]
+
+    epoch_fn = jax.vmap(epoch_one, in_axes=(0, 0, 0, None, None))
+    runs[fmt] = [*jax.vmap(init_one)(keys), jax.jit(epoch_fn, donate_argnums=(0, 1))]
+  epochs = 1 if args.smoke else args.epochs
+  results: dict = {
+    "task": "MNIST 784-500-300-10, setup C (tanh, N(0, 0.01^2), unit, mean), rho 0.95, "
+    "eps 1e-6, batch 100: test error % after each epoch",
+    "seeds": seeds,
+    "epochs_planned": epochs,
+    "load_average_at_start": os.getloadavg(),
+    "errors": {fmt: [] for fmt in runs},
+    "seconds": {fmt: 0.0 for fmt in runs},
+  }
+  for epoch in range(epochs):
+    batches = order(keys, epoch)
+    for fmt, run in runs.items():
+      start = time.perf_counter()
+      run[0], run[1] = run[2](run[0], run[1], batches, x_train, y_train)
+      errors = 100 * np.asarray(error(run[0], x_test, y_test))
+      results["errors"][fmt].append(errors.round(3).tolist())
+      results["seconds"][fmt] += time.perf_counter() - start
+    results["epochs_done"] = epoch + 1
+    results["load_average_now"] = os.getloadavg()
+    last = {f: _mean_sd(e[-1]) for f, e in results["errors"].items()}
+    print(f"epoch {epoch + 1}: {last}", file=sys.stderr, flush=True)
+    if args.out is not None:
+      args.out.mkdir(parents=True, exist_ok=True)
+      (args.out / "low_memory_figure1.json").write_text(json.dumps(results, indent=1))
+  print(_figure1_table(results), flush=True)
+  return results
+
+
+def _figure1_table(results) -> str:
+  done = results["epochs_done"]
+  marks = sorted({e for e in (1, 6, 10, 20, 30, 40, 50, done) if e <= done})
+  lines = [
+    f"\n### {results['task']} (mean ± sd over seeds {results['seeds']}, {done} epochs)\n",
+    "| state | " + " | ".join(f"epoch {e}" for e in marks) + " |",
+    "|---|" + "---|" * len(marks),
+  ]
+  for fmt, errors in results["errors"].items():
+    lines.append(f"| {fmt} | " + " | ".join(_mean_sd(errors[e - 1]) for e in marks) + " |")
+  return "\n".join(lines)
+
+
 def _mean_sd(values) -> str:
   sd = np.std(values, ddof=1) if len(values) > 1 else float("nan")
   return f"{np.mean(values):.4g} ± {sd:.2g}"
@@ -268,7 +372,7 @@ def _accuracy_table(title, by_format) -> str:
 
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("what", choices=["speed", "accuracy"])
+  parser.add_argument("what", choices=["speed", "accuracy", "figure1"])
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--repeats", type=int, default=None)
   parser.add_argument("--cases", nargs="+", default=["a", "b", "c"], choices=sorted(CASES))
@@ -279,6 +383,7 @@ def main(argv=None) -> None:
     choices=["l1", "regression", "airfoil", "mnist"],
   )
   parser.add_argument("--seeds", type=int, default=None)
+  parser.add_argument("--epochs", type=int, default=50, help="figure1: epochs to train")
   parser.add_argument(
     "--shrink-b", type=int, default=1, help="divide case (b)'s d_model by this (memory)"
   )
@@ -289,6 +394,9 @@ def main(argv=None) -> None:
     args.cases = ["a", "b"]  # (c)'s 1,000 leaves take minutes to compile six times
   args.seeds = args.seeds or (2 if args.smoke else 3)
   args.cells = [(0.95, 1e-6)] if args.smoke else [(0.95, 1e-6), (0.99, 1e-8)]
+  if args.what == "figure1":
+    figure1(args)  # writes its JSON after every epoch
+    return
   results = speed(args) if args.what == "speed" else accuracy(args)
   if args.out is not None:
     args.out.mkdir(parents=True, exist_ok=True)

@@ -127,6 +127,17 @@ def apply(params, x, activation: str):
   return x @ params[-1]["w"] + params[-1]["b"]
 
 
+def epoch_batches(key, epoch, num_examples: int, batch: int = BATCH) -> jax.Array:
+  """Epoch `epoch`'s minibatches, indices of shape (num_examples // batch, batch): a fresh
+  permutation from `key` folded with epoch + 1, the incomplete last batch dropped.
+
+  Shared with benchmarks/low_memory.py, so that its MNIST runs batch as these do.
+  """
+  num = num_examples // batch
+  perm = jax.random.permutation(jax.random.fold_in(key, epoch + 1), num_examples)
+  return perm[: num * batch].reshape(num, batch)
+
+
 def train_grid(make_tx, grid, seeds, epochs, setup: Setup, data, probe=None, probe_every=None):
   """Test error per epoch, shape (cells, seeds, epochs), every cell and seed in one vmap.
 
@@ -160,9 +171,7 @@ def train_grid(make_tx, grid, seeds, epochs, setup: Setup, data, probe=None, pro
     return jax.lax.scan(step, (params, state), batches)[0]
 
   def order_one(key, epoch):
-    num = len(x_train) // BATCH
-    perm = jax.random.permutation(jax.random.fold_in(key, epoch + 1), len(x_train))
-    return perm[: num * BATCH].reshape(num, BATCH)
+    return epoch_batches(key, epoch, len(x_train))
 
   def error_one(params):
     return jnp.mean(jnp.argmax(apply(params, x_test, setup.activation), -1) != y_test)

@@ -30,7 +30,10 @@ in the state:
 The random bits are a counter-based hash of (step counter, leaf number, coordinate's index
 in the whole leaf), 16 bits for each average: reproducible, restored with the state, the same for
 a replicated leaf on every device, different on every shard of a sharded one, and under
-``vmap`` the same as separate runs. Inside ``shard_map`` the index is the shard's own.
+``vmap`` the same as separate runs. Inside ``shard_map`` the index is the shard's own, and
+the shard's position along the mesh axes over which its leaf varies (read from
+``shard_map``'s types) selects the stream: shards draw independent streams, a replicated
+leaf the same one everywhere.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ MAX_BLOCK = 256  # elements per scale: 1/64 byte per element of float32 scale ov
 MIN_BLOCK = 32  # below this (a prime last axis, say) the scales would cost too much
 OCTAVES = 24  # of E below the block's maximum that the 255 non-zero codes cover
 _GAMMA = OCTAVES / 254  # log2 of the ratio of adjacent codes
+_STEP = 2.0**_GAMMA - 1  # (E(c + 1) − E(c)) / E(c), c ≥ 1
 
 
 class QuantizedAverage(NamedTuple):
@@ -119,27 +123,24 @@ def quantize(values: jax.Array, blocks: int, bits: jax.Array | None) -> Quantize
   """Codes for non-negative float32 `values`, rounded up with probability p.
 
   p is the position of the value between its two neighbouring codes, linearly in E, so the
-  mean of the stored E over 16 random `bits` per value is the value (to within 2⁻¹⁷ of a
-  code step); `bits=None` rounds to the nearer code in E (p > 1/2).
+  mean of the stored E over 16 random `bits` per value is the value; `bits=None` rounds to
+  the nearer code in E (p > 1/2). With x = E/S and log2(x)/γ = c − 255 + f (0 ≤ f < 1),
+  p = (x − E(c))/(E(c+1) − E(c)) = (2^(γf) − 1)/(2^γ − 1), from the fraction f that gives
+  c, by a short series instead of a second exp2: one log2 per value (the code's speed),
+  p to within 2⁻¹⁵ (float32's resolution of c + f near 255).
   """
   grouped = _blocks(values.astype(jnp.float32), blocks)
-  scale = jnp.max(grouped, axis=-1)
-  safe = jnp.where(scale > 0, scale, 1.0)[..., None]
-  x = grouped / safe  # in [0, 1]
-  position = 255.0 + jnp.log2(jnp.maximum(x, 1e-38)) / _GAMMA
-  low = jnp.clip(jnp.floor(position), 0.0, 255.0)
-  low = jnp.where(x > 0, low, 0.0).astype(jnp.uint8)
-  high = jnp.minimum(low.astype(jnp.int32) + 1, 255).astype(jnp.uint8)
-  low_value = _level(low)
-  # E(c + 1) = E(c) · 2^γ: one exp2 per value, not two (and E(1) above E(0) = 0).
-  high_value = jnp.where(low == 0, jnp.float32(2.0 ** (-_GAMMA * 254)), low_value * 2.0**_GAMMA)
-  high_value = jnp.where(low == 255, low_value, high_value)
-  gap = high_value - low_value
-  p = jnp.where(gap > 0, (x - low_value) / jnp.where(gap > 0, gap, 1.0), 0.0)
+  scale = jnp.max(grouped, axis=-1, keepdims=True)
+  x = grouped * (1.0 / jnp.where(scale > 0, scale, 1.0))  # in [0, 1]
+  position = 255.0 + jnp.log2(x) * jnp.float32(1 / _GAMMA)  # −inf for 0
+  low = jnp.clip(jnp.floor(position), 0.0, 254.0)
+  t = (position - low) * jnp.float32(_GAMMA * np.log(2.0))  # 2^(γf) = e^t, 0 ≤ t < 0.066
+  p = t * (1 + t * (1 / 2 + t * (1 / 6 + t * (1 / 24)))) * jnp.float32(1 / _STEP)
+  p = jnp.where(low == 0, x * jnp.float32(2.0 ** (_GAMMA * 254)), p)  # linear up to E(1)
   threshold = 0.5 if bits is None else _blocks(to_uniform(bits), blocks)
-  codes = jnp.where(p > threshold, high, low)  # p > u has probability p for u ~ U[0, 1)
-  codes = jnp.where(x >= 1.0, jnp.uint8(255), codes)  # the block's maximum exactly
-  return QuantizedAverage(codes.reshape(values.shape), scale)
+  up = (p > threshold).astype(jnp.float32)  # p > u has probability p for u ~ U[0, 1)
+  codes = jnp.where(grouped >= scale, 255.0, low + up)  # the block's maximum exactly
+  return QuantizedAverage(codes.astype(jnp.uint8).reshape(values.shape), scale[..., 0])
 
 
 # Stochastic rounding to 16 bits ------------------------------------------------------
@@ -180,17 +181,45 @@ def _mix(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def random_bits(count: jax.Array, leaf: int, shape: tuple[int, ...]) -> jax.Array:
+def random_bits(
+  count: jax.Array, leaf: int, shape: tuple[int, ...], shard: jax.Array | None = None
+) -> jax.Array:
   """32 random bits (uint32) per coordinate of a leaf, a hash of (count, leaf, index).
 
   One hash per coordinate per step: its high 16 bits round E[g²], its low 16 bits E[Δx²].
+  `shard`, inside ``shard_map``, is the shard's position among those of its leaf (see
+  :func:`shard_position`); it selects another stream for each shard.
   """
   key = _mix(jnp.uint32(leaf) * jnp.uint32(0x9E3779B9) + jnp.uint32(0x632BE5AB))
+  if shard is not None:
+    key = _mix(key ^ _mix(jnp.asarray(shard).astype(jnp.uint32) + jnp.uint32(0x68E31DA4)))
   key = _mix(key ^ jnp.asarray(count).astype(jnp.uint32))
   index = jnp.zeros(shape, jnp.uint32)
   for axis, length in enumerate(shape):
     index = index * jnp.uint32(length) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
   return _mix(index ^ key)
+
+
+def _varying_axes(x: Any) -> frozenset:
+  """The manual mesh axes over which `x` may differ (shard_map's type system), or none."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, "manual_axis_type", None)  # jax >= 0.9
+  return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
+
+
+def shard_position(*arrays: Any) -> jax.Array | None:
+  """Inside ``shard_map``: this shard's index over the mesh axes along which `arrays` vary.
+
+  None outside ``shard_map``, and for values the same on every device (a replicated leaf),
+  which then draw the same stream everywhere. Read from the types ``shard_map`` tracks
+  (``check_vma=True``, its default); with ``check_vma=False`` and under ``pmap`` nothing
+  is known to vary, and every device draws the same stream.
+  """
+  varying = frozenset().union(*(_varying_axes(a) for a in arrays))
+  if not varying:
+    return None
+  names = jax.sharding.get_abstract_mesh().axis_names
+  return jax.lax.axis_index(tuple(n for n in names if n in varying))
 
 
 def to_uniform(bits16: jax.Array) -> jax.Array:
@@ -270,7 +299,10 @@ def scale_by_adadelta_low_memory(
         continue
       step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
       steps.append(step)
-      bits = random_bits(state.count, number, g.shape) if stochastic_rounding else None
+      bits = None
+      if stochastic_rounding:
+        shard = shard_position(g, a.codes if is_quantized(a) else a)
+        bits = random_bits(state.count, number, g.shape, shard)
       new_g2.append(_store(a_new, a, None if bits is None else bits >> 16))
       new_dx2.append(_store(b_new, b, None if bits is None else bits & jnp.uint32(0xFFFF)))
     return treedef.unflatten(steps), LowMemoryAdadeltaState(
