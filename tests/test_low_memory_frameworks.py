@@ -18,7 +18,6 @@ import optax
 import pytest
 
 import optax_adadelta
-from optax_adadelta import _low_memory as lm
 
 FORMATS = {
   "8bit": {"state_bits": 8},
@@ -124,7 +123,10 @@ def test_an_nnx_functional_loop_trains_with_the_8bit_state():
     losses.append(float(value))
   assert float(loss(params, x, y)) < losses[0]
   assert state[1].count == 8
-  assert {a.dtype for a in jax.tree.leaves(state[1].e_g2)} == {jnp.dtype(jnp.uint8), jnp.dtype(jnp.float32)}
+  assert {a.dtype for a in jax.tree.leaves(state[1].e_g2)} == {
+    jnp.dtype(jnp.uint8),
+    jnp.dtype(jnp.float32),
+  }
 
 
 # jax.export ---------------------------------------------------------------------------

@@ -18,10 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-
-import pytest
 
 if __name__ == "__main__":  # a worker: jax's devices must wait for jax.distributed
   needs_eight_devices = pytest.mark.skipif(False, reason="")
@@ -52,7 +51,9 @@ def _sharded_step(fmt):
   )
   params = put({"w": jnp.zeros((8, 1024)), "r": jnp.zeros((8, 512))})
   state_specs = jax.tree.map(lambda x: getattr(x.sharding, "spec", P()), tx.init(params))
-  state = jax.device_put(tx.init(params), jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs))
+  state = jax.device_put(
+    tx.init(params), jax.tree.map(lambda s: NamedSharding(mesh, s), state_specs)
+  )
   step = jax.shard_map(
     tx.update, mesh=mesh, in_specs=(specs, state_specs), out_specs=(specs, state_specs)
   )  # check_vma (the default): out_specs P() would refuse a state that varied
@@ -78,7 +79,9 @@ def test_shard_map_shards_draw_different_streams_and_a_replicated_leaf_the_same(
   for average, want in ((state.e_g2, alone.e_g2), (state.e_dx2, alone.e_dx2)):
     shards = [np.asarray(s.data) for s in jax.tree.leaves(average["r"])[0].addressable_shards]
     assert all(np.array_equal(s, shards[0]) for s in shards)
-    for got, expected in zip(jax.tree.leaves(average["r"]), jax.tree.leaves(want["r"]), strict=True):
+    for got, expected in zip(
+      jax.tree.leaves(average["r"]), jax.tree.leaves(want["r"]), strict=True
+    ):
       np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
 
 
