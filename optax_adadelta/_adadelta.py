@@ -81,9 +81,11 @@ def scale_by_adadelta(
       everything else with XLA; ``"jax"`` always XLA; ``"native"`` like ``"auto"`` but
       raises where the kernel cannot be used. See :func:`optax_adadelta.native_available`.
     packed_state: keep the averages of all leaves below ``2**18`` elements in one flat array
-      each (a :class:`PackedAdadeltaState`); faster for models of many small leaves, whose
-      step otherwise passes two state arrays per leaf. Real leaves of one floating dtype
-      only; the same numbers either way.
+      each (a :class:`PackedAdadeltaState`); for models of many small leaves, whose step
+      otherwise passes two state arrays per leaf (1,000 leaves: 1.8–2.5× faster). Opt-in:
+      its packed part does not mirror the parameters, so it takes no per-leaf sharding,
+      ZeRO split, low-memory format or ``interop``. Real leaves of one floating dtype only;
+      the same numbers either way.
     stochastic_rounding: round each new average stochastically and without bias when the
       state is narrower than float32 (``accumulator_dtype=jnp.bfloat16``, or the 8-bit
       codes); ``None``: on for ``state_bits=8`` only. See docs/guides/low_memory.md.
