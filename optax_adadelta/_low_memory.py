@@ -264,47 +264,52 @@ def scale_by_adadelta_low_memory(
   """Adadelta on a LowMemoryAdadeltaState; `update_leaf(g, e_g2, e_dx2)` updates float32."""
 
   def init_fn(params):
-    def zeros(path, p):
-      if p is None:
+    def zeros(path, wrapped):
+      if wrapped is None:
         return None
+      p = jax.tree.leaves(wrapped)[0] if _is_variable(wrapped) else wrapped
       dtype = _checks.state_dtype(path, p, accumulator_dtype)
       blocks = _leaf_blocks(p, min_8bit_size) if state_bits == 8 else None
+      like = lambda make: jax.tree.map(make, wrapped)  # inside a Variable if p is in one
       if blocks is None:
-        return jnp.zeros_like(p, dtype=dtype)
-      codes = jnp.zeros_like(p, dtype=jnp.uint8)  # keeps the parameter's sharding
-      scale = jnp.max(_blocks(jnp.zeros_like(p, dtype=jnp.float32), blocks), axis=-1)
+        return like(lambda p: jnp.zeros_like(p, dtype=dtype))
+      codes = like(lambda p: jnp.zeros_like(p, dtype=jnp.uint8))  # the parameter's sharding
+      scale = like(lambda p: jnp.max(_blocks(jnp.zeros_like(p, jnp.float32), blocks), axis=-1))
       return QuantizedAverage(codes, scale)
 
-    e_g2 = jax.tree_util.tree_map_with_path(zeros, params)
+    e_g2 = jax.tree_util.tree_map_with_path(zeros, params, is_leaf=_is_variable)
     if stochastic_rounding and state_bits is None:
       dtypes = [a.dtype for a in jax.tree.leaves(e_g2)]
       if not any(_narrower_than_float32(d) for d in dtypes):
         _checks.check_narrow_state(max(dtypes, key=lambda d: jnp.dtype(d).itemsize))
-    e_dx2 = jax.tree_util.tree_map_with_path(zeros, params)  # no aliasing: both donatable
+    e_dx2 = jax.tree_util.tree_map_with_path(zeros, params, is_leaf=_is_variable)  # not aliased
     return LowMemoryAdadeltaState(jnp.zeros([], jnp.int32), e_g2, e_dx2)
 
   def update_fn(updates, state, params=None):
     del params
-    grads, treedef = _check(updates, state)
-    e_g2 = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
-    e_dx2 = _checks._leaves_like_state(treedef, state.e_dx2, "e_dx2")
+    wrapped, treedef = _check(updates, state)
+    old_g2 = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
+    old_dx2 = _checks._leaves_like_state(treedef, state.e_dx2, "e_dx2")
     steps: list[Any] = []
     new_g2: list[Any] = []
     new_dx2: list[Any] = []
-    for number, (g, a, b) in enumerate(zip(grads, e_g2, e_dx2, strict=True)):
-      if g is None:  # a frozen parameter: its state stays
+    for number, (g_in, a_in, b_in) in enumerate(zip(wrapped, old_g2, old_dx2, strict=True)):
+      if g_in is None:  # a frozen parameter: its state stays
         steps.append(None)
-        new_g2.append(a)
-        new_dx2.append(b)
+        new_g2.append(a_in)
+        new_dx2.append(b_in)
         continue
+      g, a, b = _unwrap(g_in), _unwrap(a_in), _unwrap(b_in)
       step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
-      steps.append(step)
+      steps.append(_like(step, g_in))
       bits = None
       if stochastic_rounding:
         shard = shard_position(g, a.codes if is_quantized(a) else a)
         bits = random_bits(state.count, number, g.shape, shard)
-      new_g2.append(_store(a_new, a, None if bits is None else bits >> 16))
-      new_dx2.append(_store(b_new, b, None if bits is None else bits & jnp.uint32(0xFFFF)))
+      a_new = _store(a_new, a, None if bits is None else bits >> 16)
+      b_new = _store(b_new, b, None if bits is None else bits & jnp.uint32(0xFFFF))
+      new_g2.append(_like(a_new, a_in))
+      new_dx2.append(_like(b_new, b_in))
     return treedef.unflatten(steps), LowMemoryAdadeltaState(
       state.count + 1, treedef.unflatten(new_g2), treedef.unflatten(new_dx2)
     )
@@ -317,6 +322,15 @@ def scale_by_adadelta_low_memory(
     return value.astype(old.dtype)
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _is_variable(x: Any) -> bool:
+  """A Flax NNX Variable (nnx.Param, ...): one array in a pytree node with metadata.
+
+  The state keeps each QuantizedAverage *outside* the Variable, codes and scale each in a
+  Variable like the parameter's, so that `nnx.Optimizer` finds one array per Variable.
+  """
+  return hasattr(x, "get_value") and hasattr(x, "get_metadata")
 
 
 def _narrower_than_float32(dtype: Any) -> bool:
@@ -339,12 +353,27 @@ def _check(updates: Any, state: Any):
       f"LowMemoryAdadeltaState, got {type(state).__name__}; build the state with the same "
       "transform's init"
     )
-  paths, grads, treedef = _checks.flatten_gradients(updates)
+  with_paths, treedef = jax.tree_util.tree_flatten_with_path(
+    updates, is_leaf=lambda x: x is None or _is_variable(x)
+  )
   leaves = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
-  for path, g, a in zip(paths, grads, leaves, strict=True):
+  for (path, g), a in zip(with_paths, leaves, strict=True):
     if g is not None:
-      _checks._check_gradient_leaf(path, g, a.codes if is_quantized(a) else a)
-  return grads, treedef
+      a = _unwrap(a)
+      _checks._check_gradient_leaf(path, _unwrap(g), a.codes if is_quantized(a) else a)
+  return [g for _, g in with_paths], treedef
+
+
+def _unwrap(x: Any) -> Any:
+  """An array, or a QuantizedAverage of arrays, out of Flax NNX Variables."""
+  if is_quantized(x):
+    return QuantizedAverage(_unwrap(x.codes), _unwrap(x.scale))
+  return jax.tree.leaves(x)[0] if _is_variable(x) else x
+
+
+def _like(new: Any, old: Any) -> Any:
+  """`new` (arrays) in the wrapping of `old` (the same nodes, e.g. NNX Variables)."""
+  return jax.tree.unflatten(jax.tree.structure(old), jax.tree.leaves(new))
 
 
 def state_bytes(state: Any) -> int:

@@ -37,14 +37,7 @@ def _grads(seed, num, shape=(4, 1024)):
 # Flax NNX ----------------------------------------------------------------------------
 
 
-NNX_8BIT_GAP = pytest.mark.xfail(
-  strict=True,
-  reason="nnx.Optimizer wraps each parameter's state in one OptVariable; the QuantizedAverage "
-  "(codes and scale) inside it comes back as an nnx.State, which update cannot read (#14, open)",
-)
-
-
-@pytest.mark.parametrize("fmt", [pytest.param("8bit", marks=NNX_8BIT_GAP), "bf16_sr"])
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
 def test_nnx_optimizer_trains_as_the_functional_loop_and_keeps_the_narrow_state(fmt):
   nnx = pytest.importorskip("flax.nnx")
   from optax_adadelta.demo import datasets
@@ -96,7 +89,7 @@ def test_nnx_optimizer_trains_as_the_functional_loop_and_keeps_the_narrow_state(
 
 
 def test_an_nnx_functional_loop_trains_with_the_8bit_state():
-  """The workaround for the gap above: nnx.split / nnx.merge and tx.update, as in optax."""
+  """nnx.split / nnx.merge and tx.update on trees of nnx.Param, as optax is used."""
   nnx = pytest.importorskip("flax.nnx")
   from optax_adadelta.demo import datasets
 
