@@ -8,13 +8,12 @@ from hypothesis import strategies as st
 from tests import parity, parity_cases
 
 shapes = st.lists(st.lists(st.integers(1, 4), min_size=0, max_size=2), min_size=1, max_size=3)
-TOLERANCE = 2e-6  # as in test_parity.py
 
 
 def _check(case):
+  """Values and steps, with the tolerances of test_parity.py."""
   peer = parity.live_peer(case["peer"])
-  error, where = parity.worst_relative_error(parity.run_ours(case), peer.run(case))
-  assert error <= TOLERANCE, f"{case}: relative error {error:.2e} in {where}"
+  parity.assert_follows(case, parity.run_ours(case), peer.run(case))
 
 
 @settings(max_examples=12)
