@@ -1,5 +1,6 @@
-"""Presets: the peers' defaults and errors, the documented differences, and the Keras pieces
-(params_ema, clip_by_leaf_norm, finalize) with any optax optimizer against NumPy."""
+"""Presets: the peers' defaults and errors, the documented differences, Keras's zero clips,
+a weight-decay mask given as a function, and the Keras pieces (params_ema, clip_by_leaf_norm,
+finalize) with any optax optimizer against NumPy."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 import optax_adadelta
 from optax_adadelta import presets
-from tests import parity, parity_cases
+from tests import parity, parity_cases, reference
 
 # Defaults ------------------------------------------------------------------------------
 
@@ -77,8 +78,6 @@ def test_paper_preset_is_algorithm_1():
 
 
 def _reference(params, grads, rho, eps, lr=1.0):
-  from tests import reference
-
   return reference.run(params, grads, learning_rate=lr, rho=rho, eps=eps).params
 
 
@@ -119,6 +118,83 @@ def test_keras_decay_is_decoupled_and_pytorch_decay_is_coupled():
   g = 0.6  # 0.5 + 0.1 · 1
   want = -np.sqrt(1e-6) / np.sqrt(0.05 * g**2 + 1e-6) * g
   np.testing.assert_allclose(coupled, want, rtol=1e-6)
+
+
+# A clip of 0 -------------------------------------------------------------------------
+
+# Keras 3.15 base_optimizer.py: `if self.clipnorm and self.clipnorm > 0` (likewise for
+# global_clipnorm and clipvalue) clips, so 0 means no clipping; yet 0 `is not None`, so it
+# still counts as set when the constructor refuses two clips at once.
+ZERO_CLIPS = [{"clipnorm": 0.0}, {"global_clipnorm": 0.0}, {"clipvalue": 0.0}]
+
+
+def _zero_clip_case(clip):
+  # Gradients of ~3: clipnorm=0.5 or clipvalue=0.3 would change every step.
+  return parity_cases._case(
+    "keras-zero-clip", "keras", {"learning_rate": 1.0, **clip}, steps=8, grad_scale=3.0
+  )
+
+
+@pytest.mark.parametrize("clip", ZERO_CLIPS, ids=lambda c: ",".join(c))
+def test_keras_preset_with_a_zero_clip_does_not_clip(clip):
+  ours = parity.run_ours(_zero_clip_case(clip))
+  unclipped = parity.run_ours(_zero_clip_case({}))
+  clipped = parity.run_ours(_zero_clip_case({k: 0.3 for k in clip}))
+  for key in ours:
+    for got, want in zip(ours[key], unclipped[key], strict=True):
+      for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b, err_msg=key)
+  assert not np.array_equal(clipped["params"][0][0], ours["params"][0][0])  # 0.3 would clip
+
+
+@pytest.mark.parametrize("clip", ZERO_CLIPS, ids=lambda c: ",".join(c))
+def test_keras_preset_with_a_zero_clip_follows_live_keras(clip):
+  peer = parity.live_peer("keras")
+  case = _zero_clip_case(clip)
+  parity.assert_follows(case, parity.run_ours(case), peer.run(case))
+
+
+def test_a_zero_clipnorm_still_counts_as_set_with_another_clip_like_keras():
+  parity.live_peer("keras")
+  import keras
+
+  kwargs = {"clipnorm": 0.0, "clipvalue": 0.3}
+  with pytest.raises(ValueError) as theirs:
+    keras.optimizers.Adadelta(**kwargs)
+  with pytest.raises(ValueError) as ours:
+    presets.keras(**kwargs)
+  assert str(ours.value) == str(theirs.value)
+
+
+# A weight-decay mask given as a function of the parameters -----------------------------
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_weight_decay_mask_function_decays_only_the_leaves_it_selects(decoupled):
+  """float64, so that g + λx (which can cancel) keeps the comparison tight."""
+  rng = np.random.default_rng(11)
+  names, shapes = ["b", "scale", "w"], [(3,), (3,), (4, 3)]  # sorted, as jax.tree.leaves
+  params = [rng.normal(size=s) for s in shapes]
+  grads = [[0.1 * rng.normal(size=s) for s in shapes] for _ in range(20)]
+  hyper = {"learning_rate": 0.5, "weight_decay": 0.1, "decoupled": decoupled}
+  with jax.enable_x64(True):
+    tx = optax_adadelta.adadelta(
+      hyper["learning_rate"],
+      weight_decay=hyper["weight_decay"],
+      weight_decay_mask=lambda tree: {k: v.ndim > 1 for k, v in tree.items()},  # matrices
+      decoupled_weight_decay=decoupled,
+    )
+    x = dict(zip(names, map(jnp.asarray, params), strict=True))
+    update, state = jax.jit(tx.update), tx.init(x)
+    for g in grads:
+      updates, state = update(dict(zip(names, map(jnp.asarray, g), strict=True)), state, x)
+      x = optax.apply_updates(x, updates)
+  want = reference.run(params, grads, **hyper, decay_mask=[False, False, True]).params
+  decay_all = reference.run(params, grads, **hyper).params
+  for name, expected, everywhere in zip(names, want, decay_all, strict=True):
+    np.testing.assert_allclose(np.asarray(x[name]), expected, rtol=1e-10, atol=1e-12)
+    if name != "w":  # where the mask says no, decay would have made a difference
+      assert np.max(np.abs(expected - everywhere)) > 1e-3
 
 
 # Errors --------------------------------------------------------------------------------
