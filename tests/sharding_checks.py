@@ -6,10 +6,12 @@ import jax
 import optax
 import pytest
 
+# Meshes of 4 x 2 or 8 devices: they take every device, so exactly 8 of the default backend
+# (8 CPU devices from tests/conftest.py; an 8-GPU or 8-chip TPU host).
 needs_eight_devices = pytest.mark.skipif(
   jax.device_count() != 8,
-  reason=f"uses a 4 x 2 mesh; jax has {jax.device_count()} devices "
-  "(8 on CPU, as tests/conftest.py forces)",
+  reason=f"builds a mesh of 8 devices; jax has {jax.device_count()} "
+  f"{jax.default_backend()} devices (tests/conftest.py gives 8 only on CPU)",
 )
 
 

@@ -21,8 +21,6 @@ from jax.sharding import PartitionSpec as P
 import optax_adadelta
 from tests.sharding_checks import assert_state_follows_params, needs_eight_devices
 
-pytestmark = needs_eight_devices
-
 AXIS_TYPES = [AxisType.Auto, AxisType.Explicit]
 LAYOUTS = {  # parameter name -> spec on a ("data", "model") mesh of 4 x 2 devices
   "replicated": {"w": P(), "b": P()},
@@ -68,6 +66,7 @@ def _state_shardings(tx, params):
   )
 
 
+@needs_eight_devices
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -85,6 +84,7 @@ def test_eager_init_and_jitted_updates_keep_the_parameter_shardings(config, layo
       assert_state_follows_params(opt_state, updates)
 
 
+@needs_eight_devices
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_jitted_init_under_explicit_axes_keeps_the_parameter_shardings(layout):
   mesh = _mesh(AxisType.Explicit)
@@ -94,6 +94,7 @@ def test_jitted_init_under_explicit_axes_keeps_the_parameter_shardings(layout):
     assert_state_follows_params(jax.jit(tx.init)(params), params)
 
 
+@needs_eight_devices
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_abstract_init_under_explicit_axes_carries_the_parameter_shardings(layout):
   mesh = _mesh(AxisType.Explicit)
@@ -107,6 +108,7 @@ def test_abstract_init_under_explicit_axes_carries_the_parameter_shardings(layou
   assert_state_follows_params(abstract_state, abstract_params)
 
 
+@needs_eight_devices
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_jitted_init_with_out_shardings_from_tree_map_params_follows_parameters(layout, axis_type):
@@ -118,6 +120,7 @@ def test_jitted_init_with_out_shardings_from_tree_map_params_follows_parameters(
   assert_state_follows_params(opt_state, params)
 
 
+@needs_eight_devices
 @pytest.mark.xfail(
   strict=True,
   raises=AssertionError,
@@ -140,6 +143,7 @@ def _compiled_update_text(tx, params):
   return jax.jit(tx.update).lower(params, opt_state, params).compile().as_text()
 
 
+@needs_eight_devices
 @pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 @pytest.mark.parametrize("config", sorted(CONFIGS))
@@ -153,6 +157,7 @@ def test_compiled_update_of_sharded_state_has_no_collectives(config, layout, axi
   assert not COLLECTIVES.findall(hlo), COLLECTIVES.findall(hlo)
 
 
+@needs_eight_devices
 def test_collective_check_sees_the_all_reduce_of_a_global_norm_clip():
   """The check above can fail: a global-norm clip must sum over every shard."""
   mesh = _mesh(AxisType.Explicit)
