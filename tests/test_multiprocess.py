@@ -110,6 +110,17 @@ def _load(path: Path) -> dict[str, np.ndarray]:
     return dict(saved)
 
 
+def _resume_to_the_end(checkpoint: Path, saved_at: int, tmp_path: Path) -> dict[str, np.ndarray]:
+  """2 new processes resume from `checkpoint` (saved at step `saved_at`) and train to step
+  STEPS; returns the final parameters that process 0 saved."""
+  out = tmp_path / "resumed.npz"
+  printed = launch_example(
+    2, tmp_path / "resumed", f"--steps={STEPS}", f"--resume={checkpoint}", f"--out={out}"
+  )
+  assert f"{STEPS - saved_at} steps to step {STEPS}" in printed, printed
+  return _load(out)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   """Final parameters of a full multi-process run, one launch per process count."""
@@ -160,15 +171,7 @@ def test_processes_resumed_from_an_orbax_checkpoint_match_the_uninterrupted_run_
 ):
   checkpoint_dir = tmp_path / "checkpoint"
   launch_example(2, tmp_path / "first", f"--steps={STEPS // 2}", f"--save={checkpoint_dir}")
-  printed = launch_example(
-    2,
-    tmp_path / "second",
-    f"--steps={STEPS}",
-    f"--resume={checkpoint_dir}",
-    f"--out={tmp_path / 'p.npz'}",
-  )
-  assert f"{STEPS - STEPS // 2} steps to step {STEPS}" in printed, printed
-  got, want = _load(tmp_path / "p.npz"), uninterrupted(2)
+  got, want = _resume_to_the_end(checkpoint_dir, STEPS // 2, tmp_path), uninterrupted(2)
   assert sorted(got) == sorted(want)
   for name in want:
     np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -200,15 +203,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_back(example, unint
     mesh, two_thirds, BATCH_SIZE, resume=tmp_path / "a", save=tmp_path / "b"
   )
   assert len(losses) == two_thirds - third
-  printed = launch_example(
-    2,
-    tmp_path / "last",
-    f"--steps={STEPS}",
-    f"--resume={tmp_path / 'b'}",
-    f"--out={tmp_path / 'p.npz'}",
-  )
-  assert f"{STEPS - two_thirds} steps to step {STEPS}" in printed, printed
-  got, want = _load(tmp_path / "p.npz"), uninterrupted(2)
+  got, want = _resume_to_the_end(tmp_path / "b", two_thirds, tmp_path), uninterrupted(2)
   assert sorted(got) == sorted(want)
   for name in want:
     np.testing.assert_allclose(got[name], want[name], rtol=2e-6, atol=1e-7, err_msg=name)
