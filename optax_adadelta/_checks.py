@@ -15,6 +15,10 @@ _HINTS = {
   "weight_decay": "0 disables it",
   "lr": "PyTorch's default is 1.0",
   "epsilon": "it keeps the first step nonzero",
+  "clipnorm": "0 or None: no clipping",
+  "clipvalue": "0 or None: no clipping",
+  "global_clipnorm": "0 or None: no clipping",
+  "loss_scale_factor": "None: no loss scaling",
 }
 
 
@@ -37,10 +41,22 @@ def _real_values(name: str, value: Any) -> np.ndarray | None:
   return values.astype(np.float64)
 
 
+_F32 = np.finfo(np.float32)
+
+
 def check_in_range(
   name: str, value: Any, *, low: float, high: float | None, low_open: bool
 ) -> None:
-  """Raises ValueError unless every concrete value is finite and in range."""
+  """Raises ValueError unless the value is one scalar, finite in float32 and in range.
+
+  One scalar: an array would broadcast the updates and the state to its shape. Finite in
+  float32, the precision of the update: 1e39 is inf there. With an open lower bound of 0
+  (ε), at least float32's smallest normal number: XLA flushes smaller ones to zero, and
+  ε = 0 turns a zero gradient into 0/0 = NaN.
+  """
+  if _is_tracer(value):
+    _check_scalar(name, np.shape(value))
+    return
   values = _real_values(name, value)
   if values is None:
     return
@@ -50,6 +66,26 @@ def check_in_range(
     interval = f"{'(' if low_open else '['}{low:g}, {'inf)' if high is None else f'{high:g}]'}"
     hint = f" ({_HINTS[name]})" if name in _HINTS else ""
     raise ValueError(f"{name} must be finite and in {interval}{hint}, got {value!r}")
+  _check_scalar(name, values.shape)
+  if np.any(np.abs(values) > _F32.max):
+    raise ValueError(
+      f"{name} must be finite in float32, the precision the update is computed in "
+      f"(at most {_F32.max:.4g}), got {value!r}"
+    )
+  if low_open and low == 0 and np.any(values < _F32.tiny):
+    raise ValueError(
+      f"{name} must be at least {_F32.tiny:.4g}, float32's smallest normal number (XLA "
+      f"flushes smaller ones to zero, as if {name} were 0), got {value!r}"
+    )
+
+
+def _check_scalar(name: str, shape: tuple[int, ...]) -> None:
+  if shape:
+    raise ValueError(
+      f"{name} must be a scalar (a number or an array of shape ()), got an array of shape "
+      f"{shape}: its shape would broadcast into the updates and the state. To try several "
+      "values, jax.vmap over them"
+    )
 
 
 def check_learning_rate_like(name: str, value: Any) -> None:
@@ -93,6 +129,12 @@ def check_accumulator_dtype(dtype: Any) -> np.dtype | None:
     raise TypeError(
       "accumulator_dtype must be None or a real floating dtype such as jnp.float32 "
       f"(complex parameters get the matching complex dtype), got {dtype}"
+    )
+  if jnp.finfo(dtype).bits < 16:
+    raise TypeError(
+      f"accumulator_dtype must have at least 16 bits (jnp.bfloat16, jnp.float16, jnp.float32), "
+      f"got {dtype}: averages of squares overflow or vanish in it. For about 2 bytes per "
+      "parameter use state_bits=8, whose 8-bit codes carry a float32 scale per block"
     )
   return dtype
 
@@ -151,6 +193,29 @@ def check_gradients(updates: Any, state: Any) -> None:
       _check_gradient_leaf(path, g, a)
 
 
+def check_gradients_like_params(updates: Any, params: Any) -> None:
+  """Raises a clear error unless `updates` fit `params`, naming the first leaf that does not.
+
+  For transforms that mix the gradients with the parameters before scale_by_adadelta checks
+  them (coupled weight decay, g + λx): a Python float or a reshaped gradient would otherwise
+  broadcast against the parameter, an int32 one be cast, a different tree get optax's error.
+  """
+  if params is None:
+    return  # the transform itself says that it needs params
+  paths, grads, treedef = flatten_gradients(updates)
+  try:
+    like = treedef.flatten_up_to(params)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+      "The gradients do not have the structure of the parameters.\n"
+      f"  gradients:  {treedef}\n  parameters: {jax.tree.structure(params)}\n"
+      "Pass gradients shaped like the parameters."
+    ) from err
+  for path, g, p in zip(paths, grads, like, strict=True):
+    if g is not None and p is not None:
+      _check_gradient_leaf(path, g, p)
+
+
 def _leaves_like_state(treedef, state_tree: Any, field: str) -> list[Any]:
   """The state's leaves in the gradients' order, or an error showing both trees."""
   try:
@@ -173,6 +238,7 @@ def _check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
       f"The gradient at {where} is an array, but that parameter was None at init, "
       "so the optimizer has no state for it. Call init with the parameter present."
     )
+  check_array_like("gradient", where, grad)
   dtype = jnp.result_type(grad)
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
@@ -188,6 +254,17 @@ def _check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
     raise ValueError(
       f"The gradient at {where} has shape {jnp.shape(grad)} but its parameter had "
       f"shape {jnp.shape(state_leaf)} at init."
+    )
+
+
+def check_array_like(what: str, where: str, leaf: Any) -> None:
+  """Raises TypeError unless the leaf is an array or a number (a string names a dtype to jnp)."""
+  if isinstance(leaf, (bool, str, bytes)) or not (
+    (hasattr(leaf, "dtype") and hasattr(leaf, "shape")) or isinstance(leaf, (int, float, complex))
+  ):
+    raise TypeError(
+      f"The {what} at {where} is {leaf!r} of type {type(leaf).__name__}; it must be an array "
+      "(or a Python number)"
     )
 
 

@@ -81,7 +81,7 @@ class PackedAdadeltaState:
 def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array], Any]:
   """Paths, leaves and structure of `tree`, checked: no None, real floating, one dtype."""
   paths, leaves, treedef = _checks.flatten_gradients(tree)
-  dtypes = set()
+  dtypes: dict[str, str] = {}  # dtype: where it first occurs
   for path, leaf in zip(paths, leaves, strict=True):
     where = jax.tree_util.keystr(path) or "the root"
     if leaf is None:
@@ -89,17 +89,19 @@ def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array], Any]:
         f"packed_state=True needs every leaf of the {what}, but the one at {where} is None; "
         "use packed_state=False, whose state keeps a place for missing leaves"
       )
+    _checks.check_array_like("leaf of the " + what, where, leaf)
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
         f"packed_state=True needs real floating {what}; the leaf at {where} has dtype "
         f"{dtype}. Use packed_state=False for complex or integer leaves"
       )
-    dtypes.add(str(dtype))
+    dtypes.setdefault(str(dtype), where)
   if len(dtypes) > 1:
+    places = ", ".join(f"{d} at {w}" for d, w in dtypes.items())
     raise TypeError(
-      f"packed_state=True needs {what} of one dtype, got {', '.join(sorted(dtypes))}; cast "
-      "them to one dtype or use packed_state=False"
+      f"packed_state=True needs {what} of one dtype, got {', '.join(sorted(dtypes))} "
+      f"({places}); cast them to one dtype or use packed_state=False"
     )
   return paths, [jnp.asarray(leaf) for leaf in leaves], treedef
 

@@ -192,17 +192,20 @@ def _json_config(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
   if config is None:
     return None
   try:
-    return json.loads(json.dumps(dict(config), sort_keys=True))
+    # allow_nan=False: NaN != NaN, so a config holding one could never be confirmed.
+    return json.loads(json.dumps(dict(config), sort_keys=True, allow_nan=False))
   except (TypeError, ValueError) as err:
     raise TypeError(
-      "config must map names to JSON values (numbers, strings, booleans, lists, dicts); "
-      f"got {dict(config)!r}. Pass str(dtype) for a dtype, a name for a schedule."
+      "config must map names to JSON values (finite numbers, strings, booleans, lists, dicts); "
+      f"got {config!r}. Pass str(dtype) for a dtype, a name for a schedule."
     ) from err
 
 
 def _tree(params: Any, opt_state: Any, step: int) -> dict[str, Any]:
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)):
     raise TypeError(f"step must be a Python int, got {step!r}")
+  if step < 0:
+    raise ValueError(f"step must be >= 0, the number of updates applied so far; got {step}")
   return {"params": params, "opt_state": opt_state, "step": int(step)}
 
 

@@ -18,6 +18,7 @@ the parameter EMA's).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
@@ -27,6 +28,7 @@ import optax
 
 from optax_adadelta import _low_memory
 from optax_adadelta._adadelta import ScaleByAdadeltaState
+from optax_adadelta._packed import PackedAdadeltaState
 from optax_adadelta.transforms import ParamsEmaState
 
 _COUNTED = (optax.ScaleByScheduleState, ParamsEmaState)
@@ -53,6 +55,12 @@ def _adadelta_state(opt_state: Any, exporting: bool = False) -> ScaleByAdadeltaS
     widen = _low_memory.average_values
     return ScaleByAdadeltaState(widen(lows[0].e_g2), widen(lows[0].e_dx2))
   found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adadelta) if _is_adadelta(s)]
+  is_packed = lambda x: isinstance(x, PackedAdadeltaState)
+  if not found and any(is_packed(s) for s in jax.tree.leaves(opt_state, is_leaf=is_packed)):
+    raise ValueError(
+      "interop does not convert the packed state (packed_state=True): convert the state of "
+      "the same optimizer built with packed_state=False"
+    )
   if len(found) != 1:
     raise ValueError(
       f"opt_state must hold exactly one ScaleByAdadeltaState, found {len(found)}; "
@@ -80,8 +88,9 @@ def _replace(opt_state: Any, e_g2: list, e_dx2: list, step: int | None, ema: lis
   return jax.tree.map(swap, opt_state, is_leaf=lambda x: _is_adadelta(x) or isinstance(x, _COUNTED))
 
 
-def _checked(values: list, like: list, source: str) -> list:
-  """values converted to the dtypes of `like`, after checking count and shapes."""
+def _checked(values: list, like: list, source: str, field: str | None = None) -> list:
+  """values converted to the dtypes of `like`, after checking count, shapes and (with the
+  name of an average as `field`) that they are finite and >= 0, as averages of squares are."""
   if len(values) != len(like):
     raise ValueError(
       f"{source} has state for {len(values)} parameters but the optax state has {len(like)} "
@@ -100,8 +109,51 @@ def _checked(values: list, like: list, source: str) -> list:
         "complex and real state do not convert into each other: build the optax state on "
         "parameters of the same kind"
       )
+    parts = (value.real, value.imag) if np.iscomplexobj(value) else (value,)
+    if field is not None and not all(np.all(np.isfinite(x) & (x >= 0)) for x in parts):
+      bad = next(x for x in parts if not np.all(np.isfinite(x) & (x >= 0)))
+      worst = bad[~(np.isfinite(bad) & (bad >= 0))].ravel()[0]
+      raise ValueError(
+        f"parameter {i}: {source} has {field} = {worst} at some coordinate, but an average of "
+        "squares is finite and >= 0: the state is damaged, or not an Adadelta state"
+      )
     out.append(jnp.asarray(value, ref.dtype))
   return out
+
+
+def _parameter_indices(state_dict: Any, what: str) -> list:
+  """The parameter indices of a state_dict's param_groups, in order, or a clear error."""
+  if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+    got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
+    raise ValueError(
+      f"{what} must be torch.optim.Adadelta(...).state_dict(), a dict with 'state' and a "
+      f"list 'param_groups'; got {got}"
+    )
+  indices = []
+  for n, group in enumerate(state_dict["param_groups"]):
+    if not isinstance(group, dict) or not isinstance(group.get("params"), list):
+      raise ValueError(
+        f"{what}['param_groups'][{n}] must be a dict with a list 'params' of parameter "
+        f"indices, got {group!r}"
+      )
+    indices += group["params"]
+  return indices
+
+
+def _check_step(step: Any) -> None:
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    raise ValueError(f"step must be an int >= 0, the number of steps taken; got {step!r}")
+
+
+def _torch_step(step: Any, what: str) -> int:
+  """A step count: a whole number >= 0 (PyTorch keeps it as a float tensor)."""
+  try:
+    value = math.nan if isinstance(step, (bool, str, bytes)) else float(_to_numpy(step))
+  except (TypeError, ValueError):  # not a number, or not one number
+    value = math.nan
+  if not (math.isfinite(value) and value >= 0 and value == int(value)):
+    raise ValueError(f"{what} must be a whole number >= 0, got {step!r}")
+  return int(value)
 
 
 def _step_count(opt_state: Any) -> int | None:
@@ -132,13 +184,23 @@ def from_torch(opt_state: Any, state_dict: dict) -> Any:
       "state_dict must be torch.optim.Adadelta(...).state_dict(), a dict with 'state' and "
       f"'param_groups'; got {got}"
     )
+  indices = _parameter_indices(state_dict, "state_dict")
   ours = _adadelta_state(opt_state)
   like = jax.tree.leaves(ours.e_g2)
-  indices = [i for group in state_dict["param_groups"] for i in group["params"]]
   if len(indices) != len(like):
     raise ValueError(
       f"the PyTorch optimizer has {len(indices)} parameters but the optax state has "
       f"{len(like)} leaves; build both on the same parameters, in the same order"
+    )
+  if not isinstance(state_dict["state"], dict):
+    got = type(state_dict["state"]).__name__
+    raise ValueError(f"state_dict['state'] must be a dict of per-parameter state, got {got}")
+  # Keys that name no parameter (strings after a JSON round trip, say) would load as zeros.
+  unknown = [k for k in state_dict["state"] if k not in indices]
+  if unknown:
+    raise ValueError(
+      f"state_dict['state'] has state for {unknown!r}, which are not parameter indices of "
+      f"its param_groups ({indices}): is it a state_dict of this optimizer, with int keys?"
     )
   per_param = [state_dict["state"].get(i, {}) for i in indices]
   for i, state in zip(indices, per_param, strict=True):
@@ -155,7 +217,11 @@ def from_torch(opt_state: Any, state_dict: dict) -> Any:
     _to_numpy(s["acc_delta"]) if s else np.zeros(r.shape, r.dtype)
     for s, r in zip(per_param, like, strict=True)
   ]
-  steps = {int(_to_numpy(s["step"])) for s in per_param if s}
+  steps = {
+    _torch_step(s["step"], f"the step of PyTorch parameter {i}")
+    for i, s in zip(indices, per_param, strict=True)
+    if s
+  }
   if len(steps) > 1:
     raise ValueError(
       f"PyTorch parameters have different step counts {sorted(steps)}; the optax state "
@@ -163,8 +229,8 @@ def from_torch(opt_state: Any, state_dict: dict) -> Any:
     )
   return _replace(
     opt_state,
-    _checked(e_g2, like, "the PyTorch state_dict"),
-    _checked(e_dx2, like, "the PyTorch state_dict"),
+    _checked(e_g2, like, "the PyTorch state_dict", "square_avg"),
+    _checked(e_dx2, like, "the PyTorch state_dict", "acc_delta"),
     steps.pop() if steps else 0,
   )
 
@@ -181,9 +247,9 @@ def to_torch(opt_state: Any, template: dict, step: int | None = None) -> dict:
   """
   import torch
 
+  indices = _parameter_indices(template, "template")
   ours = _adadelta_state(opt_state, exporting=True)
   e_g2, e_dx2 = jax.tree.leaves(ours.e_g2), jax.tree.leaves(ours.e_dx2)
-  indices = [i for group in template["param_groups"] for i in group["params"]]
   if len(indices) != len(e_g2):
     raise ValueError(
       f"the PyTorch optimizer has {len(indices)} parameters but the optax state has "
@@ -192,6 +258,7 @@ def to_torch(opt_state: Any, template: dict, step: int | None = None) -> dict:
   step = _step_count(opt_state) if step is None else step
   if step is None:
     raise ValueError("this optax state counts no steps: pass step=<number of steps taken>")
+  _check_step(step)
   state = {
     i: {
       "step": torch.tensor(float(step)),
@@ -229,14 +296,14 @@ def from_keras(opt_state: Any, optimizer: Any) -> Any:
   ``use_ema``, the parameter averages."""
   slots = _keras_slots(optimizer)
   like = jax.tree.leaves(_adadelta_state(opt_state).e_g2)
-  convert = lambda variables: _checked(
-    [_to_numpy(v.value) for v in variables], like, "the Keras optimizer"
+  convert = lambda variables, field=None: _checked(
+    [_to_numpy(v.value) for v in variables], like, "the Keras optimizer", field
   )
   ema = convert(slots["ema"]) if slots["ema"] else None
   return _replace(
     opt_state,
-    convert(slots["e_g2"]),
-    convert(slots["e_dx2"]),
+    convert(slots["e_g2"], "accumulated_grad"),
+    convert(slots["e_dx2"], "accumulated_delta_var"),
     int(_to_numpy(optimizer.iterations)),
     ema,
   )
@@ -250,12 +317,14 @@ def to_keras(opt_state: Any, optimizer: Any, step: int | None = None) -> None:
   """
   slots = _keras_slots(optimizer)
   ours = _adadelta_state(opt_state, exporting=True)
+  step = _step_count(opt_state) if step is None else step
+  if step is not None:
+    _check_step(step)  # before anything is written
   for name, values in (("e_g2", ours.e_g2), ("e_dx2", ours.e_dx2)):
     leaves = jax.tree.leaves(values)
     _checked([_to_numpy(v.value) for v in slots[name]], leaves, "the Keras optimizer")
     for variable, value in zip(slots[name], leaves, strict=True):
       variable.assign(np.asarray(value))
-  step = _step_count(opt_state) if step is None else step
   if step is not None:
     optimizer.iterations.assign(step)
   averages = [

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, TypeAlias
 
+import numpy as np
 import optax
 
 from optax_adadelta import _adadelta, _checks
@@ -108,12 +109,22 @@ def keras(
       "a callable (that takes in the current iteration value and returns the corresponding "
       f"learning rate value). Received instead: learning_rate={learning_rate}"
     )
+  accumulation_error = ValueError(
+    "`gradient_accumulation_steps` must be an integer >= 2. Received: "
+    f"gradient_accumulation_steps={gradient_accumulation_steps!r}"
+  )
+  if gradient_accumulation_steps is not None and not isinstance(
+    gradient_accumulation_steps, (int, float, np.number)
+  ):
+    raise accumulation_error  # Keras's comparison would fail with an error naming nothing
   if gradient_accumulation_steps and not gradient_accumulation_steps >= 2:
-    raise ValueError(
-      "`gradient_accumulation_steps` must be an integer >= 2. Received: "
-      f"gradient_accumulation_steps={gradient_accumulation_steps}"
-    )
+    raise accumulation_error
+  if gradient_accumulation_steps and not isinstance(gradient_accumulation_steps, (int, np.integer)):
+    raise accumulation_error  # Keras would count calls modulo 2.5
   if use_ema:
+    momentum = _checks._real_values("ema_momentum", ema_momentum)  # a number, before Keras's >
+    if momentum is not None and momentum.shape:
+      _checks.check_in_range("ema_momentum", ema_momentum, low=0.0, high=1.0, low_open=False)
     if ema_momentum > 1 or ema_momentum < 0:
       raise ValueError(
         f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={ema_momentum}"
@@ -131,8 +142,27 @@ def keras(
       f"clipnorm={clipnorm}, clipvalue={clipvalue}, global_clipnorm={global_clipnorm}"
     )
   _check_common("learning_rate", learning_rate, rho, "epsilon", epsilon)
+  # Beyond Keras, which accepts these silently: NaN, inf or a negative value would poison
+  # or flip every update (Keras skips clipping at 0 or below; here 0 skips it, < 0 is refused).
+  for name, value in (
+    ("weight_decay", weight_decay),
+    ("clipnorm", clipnorm),
+    ("clipvalue", clipvalue),
+    ("global_clipnorm", global_clipnorm),
+  ):
+    if value is not None:
+      _checks.check_in_range(name, value, low=0.0, high=None, low_open=False)
+      if name != "weight_decay" and value != 0:  # a tiny norm is flushed: 0 / 0 = NaN
+        _checks.check_in_range(name, value, low=0.0, high=None, low_open=True)
+  if loss_scale_factor is not None:
+    _checks.check_in_range(
+      "loss_scale_factor", loss_scale_factor, low=0.0, high=None, low_open=True
+    )
+  if use_ema:
+    _checks.check_in_range("ema_momentum", ema_momentum, low=0.0, high=1.0, low_open=False)
 
-  steps = gradient_accumulation_steps or 1
+  steps = int(gradient_accumulation_steps or 1)
+  overwrite_frequency = int(ema_overwrite_frequency) if ema_overwrite_frequency else None
   if callable(learning_rate) and steps > 1:
     schedule = learning_rate
     # The inner schedule counts applied updates k = 0, 1, ...; Keras reads its raw n·k + n − 1.
@@ -157,9 +187,5 @@ def keras(
   return optax.chain(
     *([optax.scale(1.0 / loss_scale_factor)] if loss_scale_factor is not None else []),
     inner,
-    *(
-      [params_ema(ema_momentum, ema_overwrite_frequency, accumulation_steps=steps)]
-      if use_ema
-      else []
-    ),
+    *([params_ema(ema_momentum, overwrite_frequency, accumulation_steps=steps)] if use_ema else []),
   )

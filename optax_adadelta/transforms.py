@@ -6,7 +6,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+
+from optax_adadelta import _checks
 
 
 class ParamsEmaState(NamedTuple):
@@ -53,16 +56,12 @@ def params_ema(
     An ``optax.GradientTransformation`` whose state is a :class:`ParamsEmaState`; its
     ``update`` needs ``params``.
   """
-  if not 0.0 <= momentum <= 1.0:
+  values = _checks._real_values("momentum", momentum)  # None when traced
+  if values is not None and (values.shape or not 0.0 <= float(values) <= 1.0):
     raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
-  if overwrite_frequency is not None and (
-    not isinstance(overwrite_frequency, int) or overwrite_frequency < 1
-  ):
-    raise ValueError(
-      f"overwrite_frequency must be None or an int >= 1, got {overwrite_frequency!r}"
-    )
-  if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-    raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+  if overwrite_frequency is not None:
+    _check_count("overwrite_frequency", overwrite_frequency, "None or an int >= 1")
+  _check_count("accumulation_steps", accumulation_steps, "an int >= 1")
 
   def init_fn(params):
     return ParamsEmaState(steps=jnp.zeros([], jnp.int32), ema=jax.tree.map(jnp.array, params))
@@ -70,8 +69,17 @@ def params_ema(
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("params_ema needs the parameters: call update(updates, state, params)")
+    _check_like("params_ema", "parameters", params, state.ema, "parameters given to init")
+    _check_like("params_ema", "updates", updates, params, "parameters", none_ok=True)
     iteration = state.steps // accumulation_steps
-    new_params = optax.apply_updates(params, updates)
+    # A None update (a frozen parameter) leaves the parameter as it is; it is still averaged.
+    moved = jax.tree.map(
+      lambda u, p: jnp.zeros_like(p) if u is None and p is not None else u,
+      updates,
+      params,
+      is_leaf=_is_none,
+    )
+    new_params = optax.apply_updates(params, moved)
 
     def average(ema, x):
       m = jnp.where(iteration != 0, momentum, 0.0).astype(x.dtype)
@@ -81,7 +89,7 @@ def params_ema(
     if overwrite_frequency is not None:
       overwrite = (iteration + 1) % overwrite_frequency == 0
       updates = jax.tree.map(
-        lambda u, e, p: jnp.where(overwrite, (e - p).astype(u.dtype), u), updates, ema, params
+        lambda u, e, p: jnp.where(overwrite, (e - p).astype(u.dtype), u), moved, ema, params
       )
     return updates, ParamsEmaState(steps=state.steps + 1, ema=ema)
 
@@ -107,12 +115,13 @@ def finalize(params: optax.Params, opt_state: Any) -> optax.Params:
       f"opt_state holds {len(found)} parameter averages (params_ema); keep one per optimizer"
     )
   ema = found[0].ema
-  if jax.tree.structure(ema) == jax.tree.structure(params):  # type: ignore[operator]  # jaxlib stub
-    return ema
-  raise ValueError(
-    "The parameter average in opt_state does not have the structure of params:\n"
-    f"  params: {jax.tree.structure(params)}\n  average: {jax.tree.structure(ema)}"
-  )
+  if jax.tree.structure(ema) != jax.tree.structure(params):  # type: ignore[operator]  # jaxlib stub
+    raise ValueError(
+      "The parameter average in opt_state does not have the structure of params:\n"
+      f"  params: {jax.tree.structure(params)}\n  average: {jax.tree.structure(ema)}"
+    )
+  _check_like("finalize", "params", params, ema, "parameter average in opt_state", dtype=True)
+  return ema
 
 
 def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
@@ -121,16 +130,27 @@ def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
   :math:`g \leftarrow g \cdot c / \max(\lVert g \rVert_2, c)`, Keras's per-variable
   ``clipnorm`` (``optax.clip_by_global_norm`` takes one norm over all leaves instead).
   """
-  if not max_norm > 0:
+  values = _checks._real_values("max_norm", max_norm)
+  if values is not None and (values.shape or not float(values) > 0):
     raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
+  # inf would give inf / inf = NaN; below float32's smallest normal number, 0 / 0.
+  _checks.check_in_range("max_norm", max_norm, low=0.0, high=None, low_open=True)
 
-  def clip(g):
-    norm = jnp.sqrt(jnp.sum(jnp.square(g)))
+  def clip(path, g):
+    where = jax.tree_util.keystr(path) or "the root"
+    _checks.check_array_like("gradient", where, g)
+    if not jnp.issubdtype(jnp.result_type(g), jnp.inexact):
+      raise TypeError(
+        f"The gradient at {where} has dtype {jnp.result_type(g)}; clip_by_leaf_norm needs "
+        "floating or complex gradients"
+      )
+    squares = jnp.square(jnp.abs(g)) if jnp.iscomplexobj(g) else jnp.square(g)
+    norm = jnp.sqrt(jnp.sum(squares))
     return g * max_norm / jnp.maximum(norm, max_norm)
 
   def update_fn(updates, state, params=None):
     del params
-    return jax.tree.map(clip, updates), state
+    return jax.tree_util.tree_map_with_path(clip, updates), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
@@ -160,8 +180,8 @@ def accumulate_gradients(
   the gradients nearly cancel the two differ by far more than float32's 1e-7 (the parity
   tests saw 6e-6), so the Keras preset uses this one.
   """
-  if not isinstance(every, int) or every < 1:
-    raise ValueError(f"every must be an int >= 1, got {every!r}")
+  _check_count("every", every, "an int >= 1")
+  every = int(every)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -172,6 +192,14 @@ def accumulate_gradients(
     )
 
   def update_fn(updates, state, params=None, **extra_args):
+    _check_like(
+      "accumulate_gradients",
+      "gradients",
+      updates,
+      state.grad_sum,
+      "parameters given to init",
+      dtype=True,
+    )
     total = jax.tree.map(jnp.add, updates, state.grad_sum)
 
     def step(_):
@@ -187,3 +215,41 @@ def accumulate_gradients(
     return new_updates, AccumulateGradientsState(state.calls + 1, grad_sum, new_inner)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _is_none(x: Any) -> bool:
+  return x is None
+
+
+def _check_count(name: str, value: Any, allowed: str) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_like(
+  who: str, what: str, tree: Any, like: Any, like_name: str, *, dtype=False, none_ok=False
+) -> None:
+  """Raises ValueError unless `tree` has the structure and shapes (and dtypes) of `like`,
+  naming the first leaf that differs: a reshaped leaf would otherwise broadcast."""
+  treedef = jax.tree.structure(like)
+  try:
+    leaves = treedef.flatten_up_to(tree)
+  except (ValueError, TypeError) as err:
+    raise ValueError(
+      f"{who}: the {what} do not have the structure of the {like_name}:\n"
+      f"  {what}: {jax.tree.structure(tree, is_leaf=lambda x: x is None)}\n"
+      f"  {like_name}: {treedef}"
+    ) from err
+  for (path, want), got in zip(jax.tree_util.tree_flatten_with_path(like)[0], leaves, strict=True):
+    where = jax.tree_util.keystr(path) or "the root"
+    if got is None and none_ok:
+      continue
+    if got is None:
+      raise ValueError(f"{who}: the {what} at {where} is None, but the {like_name} has an array")
+    _checks.check_array_like(what[:-1] if what.endswith("s") else what, where, got)
+    if jnp.shape(got) != jnp.shape(want) or (dtype and jnp.result_type(got) != want.dtype):
+      raise ValueError(
+        f"{who}: the {what} at {where} has shape {jnp.shape(got)} and dtype "
+        f"{jnp.result_type(got)}, but the {like_name} has shape {jnp.shape(want)} and dtype "
+        f"{want.dtype}"
+      )
