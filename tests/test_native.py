@@ -4,8 +4,8 @@ The kernel's results must lie within 1 ulp of the jitted pure-JAX update on any 
 the jaxlib versions this project has checked (`BIT_IDENTICAL_ON`), where XLA fuses each average
 into one multiply-add as the kernel does, they are bit-identical, and that is tested too; a
 later XLA that rounds differently fails only the ulp bound, never a build. These tests skip
-on machines without the kernel (no C++ compiler) and on accelerators, except in CI
-(OPTAX_ADADELTA_REQUIRE_NATIVE=1).
+on machines without the kernel (no C++ compiler), except in CI (OPTAX_ADADELTA_REQUIRE_NATIVE=1),
+and run on the host's CPU device where jax's default backend is a GPU or TPU.
 """
 
 from __future__ import annotations
@@ -25,11 +25,16 @@ import optax_adadelta
 from optax_adadelta import _native
 from tests import reference
 
-if os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1":
-  if jax.default_backend() != "cpu":
-    pytest.skip("the native kernel is CPU-only", allow_module_level=True)
-  if _native.unavailable_reason():
-    pytest.skip(f"native kernel: {_native.unavailable_reason()}", allow_module_level=True)
+if os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1" and _native.unavailable_reason():
+  pytest.skip(f"native kernel: {_native.unavailable_reason()}", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+  """The kernel is CPU-only: on a GPU/TPU host these tests run on its CPU device."""
+  with jax.default_device(jax.devices("cpu")[0]):
+    yield
+
 
 BIT_IDENTICAL_ON = {"0.10.2", "0.8.2"}  # jaxlib versions checked to give the kernel's bits
 DTYPES = {  # parameter dtype, accumulator dtype
