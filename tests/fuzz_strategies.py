@@ -720,7 +720,7 @@ def torch_state_dict(data, rng, params, mutation):
     "step-nan": lambda: [t.update(step=np.float32("nan")) for t in state.values()],
     "step-negative": lambda: [t.update(step=np.float32(-3)) for t in state.values()],
     "step-fraction": lambda: [t.update(step=np.float32(step + 0.5)) for t in state.values()],
-    "negative-value": lambda: s.update(square_avg=s["square_avg"] - 1),
+    "negative-value": lambda: s.update(square_avg=-1 - s["square_avg"]),
     "nan-value": lambda: s.update(acc_delta=s["acc_delta"] * np.nan),
     "kind": lambda: s.update(square_avg=flip(s["square_avg"])),
     "str-keys": lambda: [state.update({str(k): state.pop(k)}) for k in range(n)],
