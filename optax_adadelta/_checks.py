@@ -196,13 +196,17 @@ def check_gradients(updates: Any, state: Any) -> None:
 def check_gradients_like_params(updates: Any, params: Any) -> None:
   """Raises a clear error unless `updates` fit `params`, naming the first leaf that does not.
 
-  For transforms that mix the gradients with the parameters before scale_by_adadelta checks
-  them (coupled weight decay, g + λx): a Python float or a reshaped gradient would otherwise
-  broadcast against the parameter, an int32 one be cast, a different tree get optax's error.
+  For what runs before scale_by_adadelta checks the gradients (maximize's negation, coupled
+  weight decay g + λx): an int32 gradient would otherwise be cast to float, a Python float
+  or a reshaped one broadcast against its parameter, a different tree get optax's error.
+  Without params, only each leaf's type and dtype are checked.
   """
-  if params is None:
-    return  # the transform itself says that it needs params
   paths, grads, treedef = flatten_gradients(updates)
+  if params is None:
+    for path, g in zip(paths, grads, strict=True):
+      if g is not None:
+        _check_gradient_dtype(jax.tree_util.keystr(path) or "the root", g)
+    return
   try:
     like = treedef.flatten_up_to(params)
   except (ValueError, TypeError) as err:
@@ -238,12 +242,7 @@ def _check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
       f"The gradient at {where} is an array, but that parameter was None at init, "
       "so the optimizer has no state for it. Call init with the parameter present."
     )
-  check_array_like("gradient", where, grad)
-  dtype = jnp.result_type(grad)
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(
-      f"The gradient at {where} has dtype {dtype}; Adadelta needs floating or complex gradients."
-    )
+  dtype = _check_gradient_dtype(where, grad)
   if jnp.iscomplexobj(grad) != jnp.iscomplexobj(state_leaf):
     raise TypeError(
       f"The gradient at {where} has dtype {dtype} but its state has dtype "
@@ -255,6 +254,16 @@ def _check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
       f"The gradient at {where} has shape {jnp.shape(grad)} but its parameter had "
       f"shape {jnp.shape(state_leaf)} at init."
     )
+
+
+def _check_gradient_dtype(where: str, grad: Any) -> Any:
+  check_array_like("gradient", where, grad)
+  dtype = jnp.result_type(grad)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(
+      f"The gradient at {where} has dtype {dtype}; Adadelta needs floating or complex gradients."
+    )
+  return dtype
 
 
 def check_array_like(what: str, where: str, leaf: Any) -> None:

@@ -353,6 +353,7 @@ OPTIMIZERS = {
   "per-leaf": lambda: optax_adadelta.adadelta(),
   "packed": lambda: optax_adadelta.adadelta(packed_state=True),
   "coupled-decay": lambda: optax_adadelta.adadelta(weight_decay=0.1),
+  "maximize": lambda: optax_adadelta.adadelta(maximize=True),
   "decoupled-decay": lambda: optax_adadelta.adadelta(weight_decay=0.1, decoupled_weight_decay=True),
   "scale-by": lambda: optax_adadelta.scale_by_adadelta(),
   "low-memory": lambda: optax_adadelta.adadelta(state_bits=8),
@@ -640,6 +641,7 @@ def gradient_reference(optimizer: str, param, grad):
     eps=1e-7 if optimizer == "keras-ema" else 1e-6,
     decoupled=optimizer == "decoupled-decay",
     learning_rate=-1.0 if optimizer == "scale-by" else 1.0,
+    maximize=optimizer == "maximize",
   ).steps[0][0]
 
 
