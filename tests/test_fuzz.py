@@ -84,6 +84,18 @@ def test_gradients_unlike_the_parameters_with_maximize_or_coupled_weight_decay(d
   fs.check_mutated_gradients(data, CHECKED_TOO_LATE)
 
 
+@pytest.mark.xfail(
+  strict=True, raises=AttributeError, reason="_low_memory.py calls g.shape on a Python float"
+)
+def test_the_low_memory_state_takes_a_python_float_gradient_as_the_per_leaf_state_does():
+  params = {"s": jnp.ones(())}
+  want = None
+  for tx in (optax_adadelta.adadelta(), optax_adadelta.adadelta(state_bits=8)):
+    updates, _ = tx.update({"s": 0.5}, tx.init(params))
+    want = updates["s"] if want is None else want
+    np.testing.assert_array_equal(updates["s"], want)
+
+
 # Presets -------------------------------------------------------------------------------
 
 
