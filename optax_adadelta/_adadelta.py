@@ -310,11 +310,26 @@ def adadelta(
     min_8bit_size=min_8bit_size,
   )
   decay = _add_decayed_weights(weight_decay, weight_decay_mask)
-  return optax.chain(
+  first, *rest = [
     *([optax.scale(-1.0)] if maximize else []),
     *([core, decay] if decoupled_weight_decay else [decay, core]),
     _in_updates_dtype(optax.scale_by_learning_rate(learning_rate)),
-  )
+  ]
+  return optax.chain(_checked_first(first), *rest)
+
+
+def _checked_first(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`inner`, with the gradients checked against the parameters before it sees them.
+
+  Negation and coupled decay come before the core's own checks: an int gradient would be
+  cast, a reshaped one broadcast against its parameter. The state is `inner`'s, unchanged.
+  """
+
+  def update_fn(updates, state, params=None):
+    _checks.check_gradients_like_params(updates, params)
+    return inner.update(updates, state, params)
+
+  return optax.GradientTransformation(inner.init, update_fn)
 
 
 def _add_decayed_weights(weight_decay, mask) -> optax.GradientTransformation:
