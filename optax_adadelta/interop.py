@@ -193,8 +193,8 @@ def from_torch(opt_state: Any, state_dict: dict) -> Any:
       f"{len(like)} leaves; build both on the same parameters, in the same order"
     )
   if not isinstance(state_dict["state"], dict):
-    got = type(state_dict["state"]).__name__
-    raise ValueError(f"state_dict['state'] must be a dict of per-parameter state, got {got}")
+    kind = type(state_dict["state"]).__name__
+    raise ValueError(f"state_dict['state'] must be a dict of per-parameter state, got {kind}")
   # Keys that name no parameter (strings after a JSON round trip, say) would load as zeros.
   unknown = [k for k in state_dict["state"] if k not in indices]
   if unknown:

@@ -231,7 +231,7 @@ def _check_like(
 ) -> None:
   """Raises ValueError unless `tree` has the structure and shapes (and dtypes) of `like`,
   naming the first leaf that differs: a reshaped leaf would otherwise broadcast."""
-  treedef = jax.tree.structure(like)
+  treedef: Any = jax.tree.structure(like)
   try:
     leaves = treedef.flatten_up_to(tree)
   except (ValueError, TypeError) as err:
