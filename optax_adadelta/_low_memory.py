@@ -299,7 +299,7 @@ def scale_by_adadelta_low_memory(
         new_g2.append(a_in)
         new_dx2.append(b_in)
         continue
-      g, a, b = _unwrap(g_in), _unwrap(a_in), _unwrap(b_in)
+      g, a, b = jnp.asarray(_unwrap(g_in)), _unwrap(a_in), _unwrap(b_in)  # g: maybe a float
       step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
       steps.append(_like(step, g_in))
       bits = None
