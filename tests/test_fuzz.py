@@ -67,9 +67,6 @@ def test_gradients_unlike_the_parameters_are_refused_naming_the_leaf_or_follow_t
   fs.check_mutated_gradients(data, sorted(fs.OPTIMIZERS))
 
 
-@pytest.mark.xfail(
-  strict=True, raises=AttributeError, reason="_low_memory.py calls g.shape on a Python float"
-)
 def test_the_low_memory_state_takes_a_python_float_gradient_as_the_per_leaf_state_does():
   params = {"s": jnp.ones(())}
   want = None
