@@ -270,6 +270,9 @@ def accuracy(args) -> dict:
       results[title][fmt] = values
       print(f"{title} | {fmt}: {_mean_sd(values)}  {values}", file=sys.stderr, flush=True)
     print(_accuracy_table(title, results[title]), flush=True)
+    if args.out is not None:  # after every task, so a long run keeps what it finished
+      args.out.mkdir(parents=True, exist_ok=True)
+      (args.out / "low_memory_accuracy.json").write_text(json.dumps(results, indent=1))
   return results
 
 
@@ -383,6 +386,12 @@ def main(argv=None) -> None:
     choices=["l1", "regression", "airfoil", "mnist"],
   )
   parser.add_argument("--seeds", type=int, default=None)
+  parser.add_argument(
+    "--cells",
+    nargs="+",
+    default=None,
+    help="mnist: Table 2 cells as rho:eps, e.g. 0.9:1e-2 (default 0.95:1e-6 0.99:1e-8)",
+  )
   parser.add_argument("--epochs", type=int, default=50, help="figure1: epochs to train")
   parser.add_argument(
     "--shrink-b", type=int, default=1, help="divide case (b)'s d_model by this (memory)"
@@ -393,7 +402,10 @@ def main(argv=None) -> None:
   if args.smoke and args.what == "speed" and args.cases == ["a", "b", "c"]:
     args.cases = ["a", "b"]  # (c)'s 1,000 leaves take minutes to compile six times
   args.seeds = args.seeds or (2 if args.smoke else 3)
-  args.cells = [(0.95, 1e-6)] if args.smoke else [(0.95, 1e-6), (0.99, 1e-8)]
+  if args.cells is not None:
+    args.cells = [tuple(float(v) for v in cell.split(":")) for cell in args.cells]
+  else:
+    args.cells = [(0.95, 1e-6)] if args.smoke else [(0.95, 1e-6), (0.99, 1e-8)]
   if args.what == "figure1":
     figure1(args)  # writes its JSON after every epoch
     return
