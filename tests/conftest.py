@@ -10,6 +10,7 @@ os.environ.setdefault("KERAS_BACKEND", "jax")  # the Keras parity tests run Kera
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import hypothesis
+import pytest
 
 hypothesis.settings.register_profile("default", deadline=None, max_examples=30, print_blob=True)
 # CI: the same examples on every run, so a red build is reproducible.
@@ -30,3 +31,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
       if "accelerator" in item.keywords:
         item.add_marker(skip)
+
+
+def _load_example(name: str):
+  import importlib.util
+  from pathlib import Path
+
+  path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"{name}_example", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="session")
+def example():
+  """examples/data_parallel.py, imported as a module."""
+  return _load_example("data_parallel")

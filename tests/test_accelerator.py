@@ -8,9 +8,6 @@ CPU-only machines. On an accelerator host `.ci/device` runs these with the rest 
 (docs/guides/accelerators.md).
 """
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,15 +19,6 @@ import optax_adadelta
 from tests import reference
 
 STEPS = 5
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
-
-
-@pytest.fixture(scope="module")
-def example():
-  spec = importlib.util.spec_from_file_location("data_parallel_example", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def _gradients(shape, seed=0):

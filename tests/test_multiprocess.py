@@ -10,7 +10,6 @@ uninterrupted 2-process run bit for bit.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import subprocess
@@ -135,14 +134,6 @@ def uninterrupted(tmp_path_factory):
     return runs[num_processes]
 
   return get
-
-
-@pytest.fixture(scope="module")
-def example():
-  spec = importlib.util.spec_from_file_location("data_parallel_example", EXAMPLE)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 @pytest.fixture(scope="module")
