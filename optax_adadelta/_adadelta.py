@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_adadelta import _checks, _low_memory, _native, _packed, _rules
+from optax_adadelta import _checks, _low_memory, _native, _native_8bit, _packed, _rules
 
 Scalar: TypeAlias = float | jax.Array
 Implementation: TypeAlias = Literal["auto", "native", "jax"]
@@ -127,18 +127,26 @@ def scale_by_adadelta(
   )
   update_leaf = _leaf_update(_rules.RULES[update_rule], rho, eps)
   if low_memory:
-    if packed_state or implementation == "native":
+    no_kernel = state_bits is None and implementation == "native"  # 16-bit: XLA only
+    if packed_state or no_kernel:
       given = "packed_state=True" if packed_state else "implementation='native'"
       raise ValueError(
-        f"{given} cannot be combined with stochastic_rounding=True or state_bits=8: the "
-        "low-memory state is updated by XLA, leaf by leaf; drop one of the two"
+        f"{given} cannot be combined with stochastic_rounding=True without state_bits=8: "
+        "the 16-bit low-memory state is updated by XLA, leaf by leaf; drop one of the two"
+        if no_kernel
+        else f"{given} cannot be combined with stochastic_rounding=True or state_bits=8: "
+        "the low-memory state mirrors the parameters leaf by leaf; drop one of the two"
       )
+    hyper = None if state_bits is None else _native_hyper(rho, eps, update_rule, implementation)
     return _low_memory.scale_by_adadelta_low_memory(
       update_leaf,
       accumulator_dtype,
       state_bits=state_bits,
       stochastic_rounding=rounding,
       min_8bit_size=4096 if min_8bit_size is None else int(min_8bit_size),
+      update_quantized_leaves=None
+      if hyper is None
+      else _native_8bit.updater(hyper, update_leaf, rounding),
     )
   hyper = _native_hyper(rho, eps, update_rule, implementation)
   if packed_state:

@@ -52,7 +52,6 @@ MAX_BLOCK = 256  # elements per scale: 1/64 byte per element of float32 scale ov
 MIN_BLOCK = 32  # below this (a prime last axis, say) the scales would cost too much
 OCTAVES = 24  # of E below the block's maximum that the 255 non-zero codes cover
 _GAMMA = OCTAVES / 254  # log2 of the ratio of adjacent codes
-_STEP = 2.0**_GAMMA - 1  # (E(c + 1) − E(c)) / E(c), c ≥ 1
 
 
 class QuantizedAverage(NamedTuple):
@@ -106,40 +105,71 @@ def _blocks(x: jax.Array, blocks: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
 
 
-def _level(codes: jax.Array) -> jax.Array:
-  """E(c)/S as float32."""
-  c = codes.astype(jnp.float32)
-  return jnp.where(codes == 0, 0.0, jnp.exp2(_GAMMA * (c - 255.0)))
+def _tables() -> tuple[np.ndarray, np.ndarray]:
+  """LEVELS[c] = E(c)/S as float32 (LEVELS[255] = 1), and 1/(LEVELS[c+1] − LEVELS[c])."""
+  exact = np.exp2(_GAMMA * (np.arange(256) - 255.0))
+  exact[0] = 0.0
+  levels = exact.astype(np.float32)
+  gaps = np.diff(levels.astype(np.float64))
+  return levels, np.append(1.0 / gaps, 0.0).astype(np.float32)
+
+
+LEVELS, INVERSE_GAPS = _tables()  # the native kernel builds the same two from these numbers
+# The estimate of a code from a float's bits (see `_code_below`): c ≈ 255 + (bits − 127·2²³)
+# / 2¹⁵ · 254 / 6144, computed on non-negative integers; _BIAS·6144 keeps them so.
+_BIAS = 1400
+
+
+def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
+  """table[index], laid out like `index` (a replicated table, a sharded index: no collective)."""
+  return (
+    jnp.asarray(table)
+    .at[index]
+    .get(mode="promise_in_bounds", out_sharding=jax.typeof(index).sharding)
+  )
+
+
+def _code_below(x: jax.Array) -> jax.Array:
+  """The largest c ≤ 254 with LEVELS[c] ≤ x (0 for x = 0 or NaN), as int32.
+
+  A float's bits, read as an integer, are 2²³·(e + 127 + f) for x = 2^e·(1 + f), and
+  e + f ≤ log2 x < e + f + 0.0861: so ⌊255 + (e + f)/γ⌋ is the code below x or the one
+  before it (0.0861/γ < 1 code), and one comparison with the table settles which. In
+  integers only, so that the native kernel finds the same code.
+  """
+  bits = jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(0x7FFFFFFF)
+  octaves = jnp.right_shift(bits - jnp.int32(127 << 23), 15)  # (e + f)·2⁸, rounded down
+  estimate = (octaves * 254 + 6144 * (255 + _BIAS)) // 6144 - _BIAS
+  estimate = jnp.clip(estimate, 0, 254)
+  above = x >= _lookup(LEVELS, estimate + 1)
+  return jnp.minimum(estimate + above.astype(jnp.int32), 254)
 
 
 def dequantize(q: QuantizedAverage) -> jax.Array:
-  """The float32 average a QuantizedAverage stands for."""
+  """The float32 average a QuantizedAverage stands for: LEVELS[code] · scale."""
   blocks = q.scale.shape[-1]
-  values = _blocks(_level(q.codes), blocks) * q.scale[..., None]
+  levels = _lookup(LEVELS, q.codes.astype(jnp.int32))
+  values = _blocks(levels, blocks) * q.scale[..., None]
   return values.reshape(q.codes.shape)
 
 
 def quantize(values: jax.Array, blocks: int, bits: jax.Array | None) -> QuantizedAverage:
   """Codes for non-negative float32 `values`, rounded up with probability p.
 
-  p is the position of the value between its two neighbouring codes, linearly in E, so the
-  mean of the stored E over 16 random `bits` per value is the value; `bits=None` rounds to
-  the nearer code in E (p > 1/2). With x = E/S and log2(x)/γ = c − 255 + f (0 ≤ f < 1),
-  p = (x − E(c))/(E(c+1) − E(c)) = (2^(γf) − 1)/(2^γ − 1), from the fraction f that gives
-  c, by a short series instead of a second exp2: one log2 per value (the code's speed),
-  p to within 2⁻¹⁵ (float32's resolution of c + f near 255).
+  With x = E/S between LEVELS[c] and LEVELS[c + 1], p = (x − LEVELS[c])/(LEVELS[c + 1] −
+  LEVELS[c]): linear in E, so the mean of the stored E over 16 random `bits` per value is
+  the value; `bits=None` rounds to the nearer code in E (p > 1/2). Two table lookups and
+  no logarithm per value; the native kernel computes the same numbers in the same order.
+  A NaN makes its block's scale NaN, so the whole block reads NaN: loud, and bounded.
   """
   grouped = _blocks(values.astype(jnp.float32), blocks)
-  scale = jnp.max(grouped, axis=-1, keepdims=True)
+  scale = jnp.max(grouped, axis=-1, keepdims=True)  # XLA's CPU max may skip a NaN:
+  scale = jnp.where(jnp.isnan(grouped).any(axis=-1, keepdims=True), jnp.nan, scale)
   x = grouped * (1.0 / jnp.where(scale > 0, scale, 1.0))  # in [0, 1]
-  position = 255.0 + jnp.log2(x) * jnp.float32(1 / _GAMMA)  # −inf for 0
-  low = jnp.clip(jnp.floor(position), 0.0, 254.0)
-  t = (position - low) * jnp.float32(_GAMMA * np.log(2.0))  # 2^(γf) = e^t, 0 ≤ t < 0.066
-  p = t * (1 + t * (1 / 2 + t * (1 / 6 + t * (1 / 24)))) * jnp.float32(1 / _STEP)
-  p = jnp.where(low == 0, x * jnp.float32(2.0 ** (_GAMMA * 254)), p)  # linear up to E(1)
+  low = _code_below(x)
+  p = (x - _lookup(LEVELS, low)) * _lookup(INVERSE_GAPS, low)
   threshold = 0.5 if bits is None else _blocks(to_uniform(bits), blocks)
-  up = (p > threshold).astype(jnp.float32)  # p > u has probability p for u ~ U[0, 1)
-  codes = jnp.where(grouped >= scale, 255.0, low + up)  # the block's maximum exactly
+  codes = jnp.where(grouped >= scale, 255, low + (p > threshold).astype(jnp.int32))
   return QuantizedAverage(codes.astype(jnp.uint8).reshape(values.shape), scale[..., 0])
 
 
@@ -181,6 +211,22 @@ def _mix(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
+def stream_key(count: jax.Array, leaf: int, shard: jax.Array | None = None) -> jax.Array:
+  """The uint32 key of one leaf's random bits at step `count` (and shard, in shard_map)."""
+  key = _mix(jnp.uint32(leaf) * jnp.uint32(0x9E3779B9) + jnp.uint32(0x632BE5AB))
+  if shard is not None:
+    key = _mix(key ^ _mix(jnp.asarray(shard).astype(jnp.uint32) + jnp.uint32(0x68E31DA4)))
+  return _mix(key ^ jnp.asarray(count).astype(jnp.uint32))
+
+
+def bits_from_key(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """32 random bits (uint32) per coordinate: the hash of the key and the row-major index."""
+  index = jnp.zeros(shape, jnp.uint32)
+  for axis, length in enumerate(shape):
+    index = index * jnp.uint32(length) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
+  return _mix(index ^ key)
+
+
 def random_bits(
   count: jax.Array, leaf: int, shape: tuple[int, ...], shard: jax.Array | None = None
 ) -> jax.Array:
@@ -190,14 +236,7 @@ def random_bits(
   `shard`, inside ``shard_map``, is the shard's position among those of its leaf (see
   :func:`shard_position`); it selects another stream for each shard.
   """
-  key = _mix(jnp.uint32(leaf) * jnp.uint32(0x9E3779B9) + jnp.uint32(0x632BE5AB))
-  if shard is not None:
-    key = _mix(key ^ _mix(jnp.asarray(shard).astype(jnp.uint32) + jnp.uint32(0x68E31DA4)))
-  key = _mix(key ^ jnp.asarray(count).astype(jnp.uint32))
-  index = jnp.zeros(shape, jnp.uint32)
-  for axis, length in enumerate(shape):
-    index = index * jnp.uint32(length) + jax.lax.broadcasted_iota(jnp.uint32, shape, axis)
-  return _mix(index ^ key)
+  return bits_from_key(stream_key(count, leaf, shard), shape)
 
 
 def _varying_axes(x: Any) -> frozenset:
@@ -253,6 +292,25 @@ def _leaf_blocks(p: Any, min_8bit_size: int) -> int | None:
   return None if size is None else p.shape[-1] // size
 
 
+QuantizedLeaf = tuple[jax.Array, QuantizedAverage, QuantizedAverage, jax.Array]
+
+
+def update_quantized(
+  leaf: QuantizedLeaf, update_leaf: Callable[..., tuple], stochastic: bool
+) -> tuple[jax.Array, QuantizedAverage, QuantizedAverage]:
+  """(Δx, E[g²], E[Δx²]) of one 8-bit leaf (g, E[g²], E[Δx²], key): dequantize, update,
+  quantize (rounded stochastically with the key's bits, or to nearest)."""
+  g, a, b, key = leaf
+  step, a_new, b_new = update_leaf(g, dequantize(a), dequantize(b))
+  bits = bits_from_key(key, g.shape) if stochastic else None
+  high, low = (None, None) if bits is None else (bits >> 16, bits & jnp.uint32(0xFFFF))
+  return (
+    step,
+    quantize(a_new, a.scale.shape[-1], high),
+    quantize(b_new, b.scale.shape[-1], low),
+  )
+
+
 def scale_by_adadelta_low_memory(
   update_leaf: Callable[..., tuple],
   accumulator_dtype: Any,
@@ -260,8 +318,17 @@ def scale_by_adadelta_low_memory(
   state_bits: int | None,
   stochastic_rounding: bool,
   min_8bit_size: int,
+  update_quantized_leaves: Callable[[list[QuantizedLeaf]], list] | None = None,
 ) -> optax.GradientTransformation:
-  """Adadelta on a LowMemoryAdadeltaState; `update_leaf(g, e_g2, e_dx2)` updates float32."""
+  """Adadelta on a LowMemoryAdadeltaState; `update_leaf(g, e_g2, e_dx2)` updates float32.
+
+  `update_quantized_leaves`, given the 8-bit leaves of a step, returns what
+  :func:`update_quantized` returns for each (the native kernel does all in one call).
+  """
+  if update_quantized_leaves is None:
+    update_quantized_leaves = lambda leaves: [
+      update_quantized(leaf, update_leaf, stochastic_rounding) for leaf in leaves
+    ]
 
   def init_fn(params):
     def zeros(path, wrapped):
@@ -293,30 +360,35 @@ def scale_by_adadelta_low_memory(
     steps: list[Any] = []
     new_g2: list[Any] = []
     new_dx2: list[Any] = []
+    quantized: dict[int, QuantizedLeaf] = {}  # position -> the leaf, updated together below
     for number, (g_in, a_in, b_in) in enumerate(zip(wrapped, old_g2, old_dx2, strict=True)):
-      if g_in is None:  # a frozen parameter: its state stays
-        steps.append(None)
-        new_g2.append(a_in)
-        new_dx2.append(b_in)
+      steps.append(None)
+      new_g2.append(a_in)  # a frozen parameter (None gradient): its state stays
+      new_dx2.append(b_in)
+      if g_in is None:
         continue
       g, a, b = jnp.asarray(_unwrap(g_in)), _unwrap(a_in), _unwrap(b_in)  # g: maybe a float
-      step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
-      steps.append(_like(step, g_in))
-      bits = None
+      key = jnp.uint32(0)
       if stochastic_rounding:
-        shard = shard_position(g, a.codes if is_quantized(a) else a)
-        bits = random_bits(state.count, number, g.shape, shard)
-      a_new = _store(a_new, a, None if bits is None else bits >> 16)
-      b_new = _store(b_new, b, None if bits is None else bits & jnp.uint32(0xFFFF))
-      new_g2.append(_like(a_new, a_in))
-      new_dx2.append(_like(b_new, b_in))
+        key = stream_key(state.count, number, shard_position(g, a.codes if is_quantized(a) else a))
+      if is_quantized(a):
+        quantized[number] = (g, a, b, key)
+        continue
+      step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
+      bits = None if not stochastic_rounding else bits_from_key(key, g.shape)
+      steps[number] = _like(step, g_in)
+      new_g2[number] = _like(_store(a_new, a, None if bits is None else bits >> 16), a_in)
+      new_dx2[number] = _like(_store(b_new, b, None if bits is None else bits & 0xFFFF), b_in)
+    results = update_quantized_leaves(list(quantized.values())) if quantized else []
+    for number, (step, a_new, b_new) in zip(quantized, results, strict=True):
+      steps[number] = _like(step, wrapped[number])
+      new_g2[number] = _like(a_new, old_g2[number])
+      new_dx2[number] = _like(b_new, old_dx2[number])
     return treedef.unflatten(steps), LowMemoryAdadeltaState(
       state.count + 1, treedef.unflatten(new_g2), treedef.unflatten(new_dx2)
     )
 
   def _store(value, old, bits):
-    if is_quantized(old):
-      return quantize(value, old.scale.shape[-1], bits)
     if bits is not None and _narrower_than_float32(old.dtype):
       return round_stochastically(value.astype(jnp.float32), old.dtype, bits)
     return value.astype(old.dtype)

@@ -1,5 +1,8 @@
 """The optional native CPU update: `_kernel.cc` through XLA's FFI, built at first use.
 
+(`_kernel_8bit.cc`, the 8-bit state's update, is built into the same library and called by
+`_native_8bit`.)
+
 One primitive, `optax_adadelta_update`, updates up to 256 leaves of a step in one call: one loop
 over memory per leaf (XLA's own lowering makes four), the two averages in place. Its rules:
 
@@ -38,7 +41,9 @@ from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
 _TARGET = "optax_adadelta_update"
-_SOURCE = Path(__file__).with_name("_kernel.cc")
+TARGET_8BIT = "optax_adadelta_update_8bit"  # _kernel_8bit.cc, used by _native_8bit.py
+_SOURCES = [Path(__file__).with_name(n) for n in ("_kernel.cc", "_kernel_8bit.cc")]
+_HEADER = Path(__file__).with_name("_kernel_common.h")
 _FLAGS = ("-std=c++17", "-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
 # Δx is written over the gradient of a leaf this large: a fresh buffer of that size costs
 # more than the update (its pages are faulted in on every step). Smaller leaves get a new one.
@@ -69,7 +74,7 @@ def _build() -> Path:
   key = hashlib.sha256(
     b"\0".join(
       [
-        _SOURCE.read_bytes(),
+        *(path.read_bytes() for path in (*_SOURCES, _HEADER)),
         jaxlib.__version__.encode(),
         compiler.encode(),
         *map(str.encode, _FLAGS),
@@ -82,10 +87,10 @@ def _build() -> Path:
   library.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
     built = Path(scratch) / library.name
-    command = [compiler, *_FLAGS, "-isystem", include, str(_SOURCE), "-o", str(built)]
+    command = [compiler, *_FLAGS, "-isystem", include, *map(str, _SOURCES), "-o", str(built)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-      raise RuntimeError(f"compiling {_SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
+      raise RuntimeError(f"compiling {_SOURCES[0].name} failed: {result.stderr.strip()[-2000:]}")
     os.replace(built, library)  # atomic: concurrent processes see all of it or none
   return library
 
@@ -100,6 +105,7 @@ def unavailable_reason() -> str | None:
   try:
     library = ctypes.cdll.LoadLibrary(str(_build()))
     jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.optax_adadelta_update))
+    jax.ffi.register_ffi_target(TARGET_8BIT, jax.ffi.pycapsule(library.optax_adadelta_update_8bit))
   except (OSError, RuntimeError, AttributeError) as error:
     return f"the native kernel could not be built or loaded: {error}"
   return None

@@ -254,7 +254,16 @@ def test_8bit_state_has_about_two_bytes_per_parameter_and_small_leaves_stay_full
     ({"state_bits": 8, "min_8bit_size": -1}, ValueError, "min_8bit_size must be >= 0"),
     ({"state_bits": 8, "min_8bit_size": 2.5}, TypeError, "min_8bit_size must be an int"),
     ({"state_bits": 8, "packed_state": True}, ValueError, "packed_state=True cannot be combined"),
-    ({"state_bits": 8, "implementation": "native"}, ValueError, "implementation='native' cannot"),
+    (
+      {"stochastic_rounding": True, "accumulator_dtype": jnp.bfloat16, "implementation": "native"},
+      ValueError,
+      "implementation='native' cannot be combined with stochastic_rounding=True without state",
+    ),
+    (
+      {"state_bits": 8, "update_rule": "pytorch", "implementation": "native"},
+      ValueError,
+      "update_rule='default' only",
+    ),
   ],
 )
 def test_bad_arguments_are_refused_naming_the_argument(keywords, error, match):

@@ -1,0 +1,217 @@
+"""The native 8-bit kernel (optax_adadelta/_kernel_8bit.cc) against XLA's lowering.
+
+XLA's lowering of the same update (`implementation="jax"`) is itself checked against a
+float64 NumPy reference in tests/test_low_memory.py. The kernel repeats its operations in
+their order, so on the jaxlib versions checked (`BIT_IDENTICAL_ON`) it stores the same
+codes, scales and steps, bit for bit; on any jaxlib its codes are at most one apart and its
+floats within 1 ulp of one step of XLA's from the same state. Tests skip without the
+kernel (no C++ compiler) except in CI, and run on the host's CPU device.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_adadelta
+from optax_adadelta import _native
+from tests.sharding_checks import needs_eight_devices
+
+if os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1" and _native.unavailable_reason():
+  pytest.skip(f"native kernel: {_native.unavailable_reason()}", allow_module_level=True)
+
+BIT_IDENTICAL_ON = {"0.10.2", "0.8.2"}  # jaxlib versions checked to give the kernel's bits
+TARGET = _native.TARGET_8BIT
+SHAPES = {  # blocks of 256, of 96 (a last axis of 96), of 250, several chunks, a full leaf
+  "w256": (64, 768),
+  "w96": (100, 96),
+  "w250": (2, 3000),
+  "big": (300_032,),
+  "deep": (3, 5, 512),
+  "small": (10,),
+}
+
+
+@pytest.fixture(autouse=True)
+def _on_the_cpu():
+  with jax.default_device(jax.devices("cpu")[0]):
+    yield
+
+
+def _grads(rng, dtype, zero_rows=True):
+  """Magnitudes over ten decades, some exact zeros, a whole zero block in each leaf."""
+  tree = {}
+  for name, shape in SHAPES.items():
+    scale = 10.0 ** rng.uniform(-7, 3, size=shape)
+    g = rng.standard_normal(shape) * scale * (rng.random(shape) < 0.9)
+    if zero_rows and len(shape) > 1:
+      g[(0,) * (len(shape) - 1)] = 0.0  # the first row: zero blocks
+    tree[name] = jnp.asarray(g, dtype)
+  return tree
+
+
+def _ulps(x, y) -> float:
+  x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
+  same = (x == y) | (np.isnan(x) & np.isnan(y))
+  spacing = np.spacing(np.abs(np.where(same, 1, x)))
+  with np.errstate(invalid="ignore"):
+    return float(np.where(same, 0.0, np.abs(x - y) / spacing).max(initial=0.0))
+
+
+def _assert_close(got, want, bits: bool):
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    x, y = np.asarray(x), np.asarray(y)
+    if bits:
+      np.testing.assert_array_equal(x, y)
+    elif x.dtype == np.uint8:
+      assert np.abs(x.astype(int) - y.astype(int)).max(initial=0) <= 1
+    elif np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16:
+      assert _ulps(x, y) <= 1, f"{_ulps(x, y)} ulp apart"
+    else:
+      np.testing.assert_array_equal(x, y)
+
+
+def _txs(**keywords):
+  return {
+    i: optax_adadelta.scale_by_adadelta(state_bits=8, implementation=i, **keywords)
+    for i in ("native", "jax")
+  }
+
+
+def _kernel_calls(fn, *args) -> int:
+  return jax.jit(fn).lower(*args).compile().as_text().count(f'"{TARGET}"')
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+@pytest.mark.parametrize(
+  "hyper",
+  [{}, {"rho": 0.9, "eps": 1e-8}, {"rho": 0.0, "eps": 1e-2}, {"rho": 1.0}],
+  ids=["paper", "rho0.9-eps1e-8", "rho0-eps1e-2", "rho1"],
+)
+def test_each_step_stores_the_codes_xla_stores(dtype, stochastic, hyper):
+  """Six steps; each from the kernel's own state, by the kernel and by XLA."""
+  bits = jaxlib.__version__ in BIT_IDENTICAL_ON
+  rng = np.random.default_rng(0)
+  txs = _txs(stochastic_rounding=stochastic, **hyper)
+  native, xla = (jax.jit(txs[i].update) for i in ("native", "jax"))
+  params = jax.tree.map(jnp.zeros_like, _grads(rng, dtype))
+  state = txs["native"].init(params)
+  assert _kernel_calls(txs["native"].update, params, state) == 1
+  assert _kernel_calls(txs["jax"].update, params, state) == 0
+  grads = [_grads(rng, dtype) for _ in range(5)] + [jax.tree.map(jnp.zeros_like, params)]
+  for t, g in enumerate(grads):
+    got = native(g, state)
+    _assert_close(got, xla(g, state), bits)
+    state = got[1]
+    average = state.e_g2["w256"]
+    if t == 4 and hyper.get("rho") != 1.0:  # ρ = 1 keeps the zero state
+      assert len(np.unique(average.codes)) > 100  # the codes are used
+    assert not np.asarray(average.scale[0]).any()  # zero blocks stay exactly zero
+
+
+def test_non_finite_gradients_give_xlas_state():
+  """NaN and ±inf in a block: the same steps and codes, the block's scale NaN or inf."""
+  g = np.random.default_rng(1).standard_normal((4, 1024)).astype(np.float32)
+  g[0, 3], g[1, 300], g[2, 600] = np.nan, np.inf, -np.inf
+  txs = _txs()
+  params = {"w": jnp.zeros((4, 1024))}
+  state = txs["native"].init(params)
+  for step in range(2):
+    got = jax.jit(txs["native"].update)({"w": jnp.asarray(g)}, state)
+    _assert_close(got, jax.jit(txs["jax"].update)({"w": jnp.asarray(g)}, state), bits=False)
+    state = got[1]
+    if step == 0:
+      scale = np.asarray(state.e_g2["w"].scale)
+      assert np.isnan(scale[0, 0]) and np.isposinf(scale[1, 1]) and np.isposinf(scale[2, 2])
+      assert np.isfinite(np.delete(scale.ravel(), [0, 5, 10])).all()  # the other blocks
+
+
+def test_leaves_are_updated_256_per_call_and_other_rules_use_xla():
+  params = {f"w{i:03}": jnp.zeros((8, 512)) for i in range(257)}
+  tx = optax_adadelta.scale_by_adadelta(state_bits=8)
+  assert _kernel_calls(tx.update, params, tx.init(params)) == 2
+  params = {f"w{i}": jnp.zeros((8, 512)) for i in range(3)}
+  for keywords in ({"update_rule": "pytorch"}, {"implementation": "jax"}):
+    tx = optax_adadelta.scale_by_adadelta(state_bits=8, **keywords)
+    assert _kernel_calls(tx.update, params, tx.init(params)) == 0
+
+  def traced(rho):
+    tx = optax_adadelta.scale_by_adadelta(rho=rho, state_bits=8)
+    return tx.update(params, tx.init(params))
+
+  assert _kernel_calls(traced, 0.9) == 0
+
+
+@pytest.mark.parametrize("shared_state", [False, True], ids=["vmapped_state", "shared_state"])
+def test_under_vmap_the_kernel_gives_xlas_vmapped_update(shared_state):
+  """Batched: one key per problem (a vmapped counter), or one key for all (shared state)."""
+  rng = np.random.default_rng(2)
+  grads = jnp.asarray(rng.standard_normal((3, 8, 512)), jnp.float32)
+  txs = _txs()
+  state = txs["native"].init({"w": jnp.zeros((8, 512))})
+  if not shared_state:
+    state = jax.tree.map(lambda x: jnp.stack([x] * 3), state)
+    state = state._replace(count=jnp.array([0, 5, 9], jnp.int32))
+  axes = (0, None if shared_state else 0)
+  runs = {
+    i: jax.jit(jax.vmap(lambda g, s, i=i: txs[i].update({"w": g}, s), in_axes=axes)) for i in txs
+  }
+  assert _kernel_calls(runs["native"], grads, state) == 1
+  got = runs["native"](grads, state)
+  _assert_close(got, runs["jax"](grads, state), bits=jaxlib.__version__ in BIT_IDENTICAL_ON)
+  codes = np.asarray(got[1].e_g2["w"].codes)
+  assert not (codes[0] == codes[1]).all()  # different gradients, different problems
+
+
+@needs_eight_devices
+def test_sharded_steps_use_xla_and_shard_map_shards_the_kernel():
+  """A step jitted over a NamedSharding lowers XLA's update (no kernel: it would see only its
+  shard's coordinates); inside shard_map every device runs the kernel on its shard. Both
+  equal the kernel's one-device step, bit for bit where checked."""
+  bits = jaxlib.__version__ in BIT_IDENTICAL_ON
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  sharding = NamedSharding(mesh, P("data", "model"))
+  rng = np.random.default_rng(3)
+  g = {"w": jnp.asarray(rng.standard_normal((8, 1024)), jnp.float32)}
+  txs = _txs()
+  state = txs["native"].init({"w": jnp.zeros((8, 1024))})
+  want = jax.jit(txs["native"].update)(g, state)
+  placed = jax.tree.map(
+    lambda x: jax.device_put(x, sharding if x.ndim == 2 else NamedSharding(mesh, P())),
+    (g, state),
+  )
+  assert _kernel_calls(txs["native"].update, *placed) == 0
+  _assert_close(jax.jit(txs["native"].update)(*placed), want, bits)
+
+  tx = optax_adadelta.scale_by_adadelta(state_bits=8, stochastic_rounding=False)
+  state = jax.device_put(tx.init(placed[0]), jax.tree.map(lambda x: x.sharding, placed[1]))
+  specs = jax.tree.map(lambda x: x.sharding.spec, (placed[0], state))
+  per_shard = jax.jit(jax.shard_map(tx.update, mesh=mesh, in_specs=specs, out_specs=specs))
+  assert _kernel_calls(per_shard, placed[0], state) == 1
+  got = per_shard(placed[0], state)  # blocks of 256 lie inside the shards of 512
+  _assert_close(got, jax.jit(tx.update)(g, tx.init(g)), bits)
+
+
+def test_gradients_through_the_update_are_xlas():
+  """Differentiating through the step (meta-gradients) takes the pure-JAX derivative."""
+  txs = _txs(stochastic_rounding=False)
+  state = txs["native"].init({"w": jnp.zeros((4, 1024))})
+  g = jnp.asarray(np.random.default_rng(4).standard_normal((4, 1024)), jnp.float32)
+
+  def loss(g, implementation):
+    step, _ = txs[implementation].update({"w": g}, state)
+    return jnp.sum(step["w"] ** 2)
+
+  got = jax.jit(jax.grad(functools.partial(loss, implementation="native")))(g)
+  want = jax.jit(jax.grad(functools.partial(loss, implementation="jax")))(g)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
