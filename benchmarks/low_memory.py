@@ -8,7 +8,8 @@
 
 Formats: the float32 state (the default, the native CPU kernel where it applies, and the
 pure-JAX path), bfloat16 rounded to nearest (``accumulator_dtype=jnp.bfloat16``), bfloat16
-rounded stochastically, and 8-bit codes (``state_bits=8``). Bytes per parameter are counted
+rounded stochastically, and 8-bit codes (``state_bits=8``: the native CPU kernel, and the
+pure-JAX path). Bytes per parameter are counted
 from the state's arrays. Step time: medians of interleaved single steps (as step.py), ratios
 against the float32 state and against ``optax.adadelta``. Accuracy: mean ± sd over seeds.
 Prints markdown tables; ``--out`` also writes them and the raw numbers as JSON.
@@ -43,6 +44,7 @@ FORMATS = {
   "bfloat16": {"accumulator_dtype": jnp.bfloat16},
   "bfloat16 + SR": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
   "8-bit": {"state_bits": 8},
+  "8-bit (pure JAX)": {"state_bits": 8, "implementation": "jax"},
 }
 ACCURACY_FORMATS = ["float32", "bfloat16", "bfloat16 + SR", "8-bit"]
 
@@ -265,8 +267,9 @@ def accuracy(args) -> dict:
   results = {}
   for title, run in tasks:
     results[title] = {}
-    for fmt in ACCURACY_FORMATS:
-      values = [run(FORMATS[fmt], seed) for seed in range(args.seeds)]
+    for fmt in args.formats:
+      seeds = range(args.first_seed, args.first_seed + args.seeds)
+      values = [run(FORMATS[fmt], seed) for seed in seeds]
       results[title][fmt] = values
       print(f"{title} | {fmt}: {_mean_sd(values)}  {values}", file=sys.stderr, flush=True)
     print(_accuracy_table(title, results[title]), flush=True)
@@ -385,7 +388,11 @@ def main(argv=None) -> None:
     default=["l1", "regression", "airfoil", "mnist"],
     choices=["l1", "regression", "airfoil", "mnist"],
   )
-  parser.add_argument("--seeds", type=int, default=None)
+  parser.add_argument("--seeds", type=int, default=None, help="how many seeds")
+  parser.add_argument("--first-seed", type=int, default=0, help="accuracy: seeds from this")
+  parser.add_argument(
+    "--formats", nargs="+", default=ACCURACY_FORMATS, choices=ACCURACY_FORMATS, help="accuracy"
+  )
   parser.add_argument(
     "--cells",
     nargs="+",

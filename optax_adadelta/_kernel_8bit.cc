@@ -1,26 +1,28 @@
 // Adadelta on the 8-bit state (`_low_memory.py`) in one pass over memory, for XLA on CPU.
 //
-// The XLA FFI handler `optax_adadelta_update_8bit` takes the code tables LEVELS and
-// INVERSE_GAPS, then for each leaf (g, codes and scale of E[g²], codes and scale of E[Δx²],
-// the leaf's random key) and returns (Δx, codes and scale of E[g²], codes and scale of
-// E[Δx²]); under vmap a leaf holds several problems, each with its own key. Block by block (a block's codes and its scale are contiguous), in float32:
+// The XLA FFI handler `optax_adadelta_update_8bit` takes for each leaf (g, codes and scale
+// of E[g²], codes and scale of E[Δx²], the leaf's random keys) and returns (Δx, codes and
+// scale of E[g²], codes and scale of E[Δx²]); under vmap a leaf holds several problems, one
+// key each. Block by block (a block's codes are contiguous, its scale one float), in float32:
 //
-//   E      <- LEVELS[code] · scale                          (dequantize, both averages)
+//   E      <- level(code) · scale                           (dequantize, both averages)
 //   Δx, E  <- Algorithm 1, the operations of `_kernel.cc`
-//   scale  <- the block's largest new E; x = E · (1/scale)
-//   code   <- c + (p > u), c the largest code with LEVELS[c] <= x (<= 254),
-//             p = (x − LEVELS[c]) · INVERSE_GAPS[c], u = 1/2 or (16 random bits + ½)/2¹⁶;
-//             255 for the block's largest value
+//   scale  <- the block's largest new E (NaN if one is NaN); x = E · (1/scale)
+//   code   <- c + (p > u), c the largest code with level(c) <= x (<= 254),
+//             p = (x − level(c)) / (level(c + 1) − level(c)), u = 1/2 or
+//             (16 random bits + ½)/2¹⁶; 255 for the block's largest value
 //
 // the operations of `_low_memory.quantize` and `dequantize` in their order, so that the
-// kernel and XLA store the same codes (the random bits are the same hash of the key and
-// the coordinate's index in the leaf). The block's float32 averages live on the stack only:
+// kernel and XLA store the same codes (the random bits are the same hash of the key and the
+// coordinate's index in the leaf). Where the CPU has FMA, XLA's CPU backend fuses
+// ρ·E + (1−ρ)·x² here as fma((1−ρ), x², ρ·E) (E, dequantized, is itself a product, and
+// LLVM fuses the other multiply), E[Δx²] + ε as fma(level, scale, ε), and Horner's rule
+// step by step; the kernel does the same. The block's float32 averages live on the stack:
 // XLA's own lowering writes and reads five float32 arrays of the parameter's size.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "_kernel_common.h"
@@ -39,10 +41,31 @@ struct Hyper {
   bool stochastic;
 };
 
-struct Tables {
-  const float* levels;        // 256 values, LEVELS[0] = 0, LEVELS[255] = 1
-  const float* inverse_gaps;  // 1/(LEVELS[c+1] − LEVELS[c])
-};
+// _low_memory._POLYNOMIAL, as float32 (the values XLA's constants round to).
+constexpr float kPolynomial[6] = {-0.005457850638777018f, 1.489393980591558e-05f,
+                                  -2.7090141685448543e-08f, 3.682612895183901e-11f,
+                                  -3.862069762302148e-14f, 2.6107046013841357e-17f};
+
+// _low_memory.level: E(c)/S for a code c in [0, 255], with multiply-adds fused as XLA fuses
+// them (kFma) or not at all.
+template <bool kFma>
+__attribute__((always_inline)) inline float Level(std::int32_t code) {
+  const std::int32_t k12 = (255 - code) * 12;
+  const std::int32_t q = (k12 * 8257) >> 20;
+  const float r = static_cast<float>(k12 - q * 127);
+  // Horner's rule, written out: a loop here would keep the caller's loop from vectorising.
+  const auto step = [r](float acc, float c) { return kFma ? std::fma(r, acc, c) : c + r * acc; };
+  float acc = step(kPolynomial[5], kPolynomial[4]);
+  acc = step(acc, kPolynomial[3]);
+  acc = step(acc, kPolynomial[2]);
+  acc = step(acc, kPolynomial[1]);
+  acc = step(acc, kPolynomial[0]);
+  const float mantissa = step(acc, 1.0f);
+  const std::uint32_t power_bits = static_cast<std::uint32_t>(127 - q) << 23;
+  float power;
+  std::memcpy(&power, &power_bits, sizeof(power));
+  return code == 0 ? 0.0f : mantissa * power;
+}
 
 // One leaf's buffers; the codes and scales of each average are updated in place.
 struct Leaf {
@@ -57,7 +80,7 @@ struct Leaf {
   bool bf16;
 };
 
-inline std::uint32_t Mix(std::uint32_t x) {  // _low_memory._mix
+__attribute__((always_inline)) inline std::uint32_t Mix(std::uint32_t x) {  // _low_memory._mix
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
@@ -66,91 +89,111 @@ inline std::uint32_t Mix(std::uint32_t x) {  // _low_memory._mix
 }
 
 // _low_memory._code_below: an estimate from the float's bits, settled by one comparison.
-inline int CodeBelow(float x, const float* levels) {
+template <bool kFma>
+__attribute__((always_inline)) inline int CodeBelow(float x) {
   std::uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   const std::int32_t magnitude = static_cast<std::int32_t>(bits & 0x7FFFFFFFu);
   const std::int32_t octaves = (magnitude - (127 << 23)) >> 15;  // arithmetic shift
-  std::int32_t estimate = (octaves * 254 + 6144 * (255 + kBias)) / 6144 - kBias;
+  // ⌊n / 6144⌋ as ⌊⌊n / 2¹¹⌋ / 3⌋, exact for 0 <= n < 2³⁰ (here n < 2²⁵): vectorises
+  const std::int32_t n = octaves * 254 + 6144 * (255 + kBias);
+  std::int32_t estimate = (((n >> 11) * 43691) >> 17) - kBias;
   estimate = std::min(std::max(estimate, 0), 254);
-  estimate += x >= levels[estimate + 1] ? 1 : 0;
+  estimate += static_cast<std::int32_t>(x >= Level<kFma>(estimate + 1));
   return std::min(estimate, 254);
 }
 
-inline float NanMax(float m, float v) { return (v > m || v != v) ? v : m; }  // as XLA's max
+// The block's largest value, NaN if it holds one (as `quantize` makes XLA's). The values are
+// non-negative or NaN: their bits, sign cleared, order as integers, NaN above +inf, and an
+// integer maximum vectorises.
+__attribute__((always_inline)) inline float BlockMax(const float* values, std::int64_t n) {
+  std::uint32_t largest = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &values[i], sizeof(bits));
+    largest = std::max(largest, bits & 0x7FFFFFFFu);
+  }
+  float scale;
+  std::memcpy(&scale, &largest, sizeof(scale));
+  return scale;
+}
 
-// Codes for the block's new averages `values`; returns its scale.
-inline float Quantize(const float* values, std::int64_t n, std::uint8_t* codes, Tables t,
+// Codes for the block's new averages `values`; returns its scale. `bits`: 16 random bits per
+// value at `shift` (stochastic rounding), else rounded to the nearer code.
+template <bool kFma, bool kStochastic>
+__attribute__((always_inline)) inline float Quantize(const float* values, std::int64_t n, std::uint8_t* codes,
                       const std::uint32_t* bits, int shift) {
-  float scale = -INFINITY;
-  for (std::int64_t i = 0; i < n; ++i) scale = NanMax(scale, values[i]);
+  const float scale = BlockMax(values, n);
   const float inverse = 1.0f / (scale > 0 ? scale : 1.0f);
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = values[i] * inverse;
-    const int low = CodeBelow(x, t.levels);
-    const float p = (x - t.levels[low]) * t.inverse_gaps[low];
-    const float u = bits ? (static_cast<float>((bits[i] >> shift) & 0xFFFFu) + 0.5f) *
-                               (1.0f / 65536.0f)
-                         : 0.5f;
-    codes[i] = values[i] >= scale ? 255 : static_cast<std::uint8_t>(low + (p > u ? 1 : 0));
+    const int low = CodeBelow<kFma>(x);
+    const float below = Level<kFma>(low);
+    const float p = (x - below) / (Level<kFma>(low + 1) - below);
+    float u = 0.5f;
+    if (kStochastic) {
+      u = (static_cast<float>((bits[i] >> shift) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
+    }
+    const int rounded = low + static_cast<int>(p > u);
+    const int code = values[i] >= scale ? 255 : rounded;
+    codes[i] = static_cast<std::uint8_t>(code);
   }
   return scale;
 }
 
 template <bool kFma, typename G>
 __attribute__((always_inline)) inline void UpdateBlocks(const Leaf& l, std::int64_t first,
-                                                        std::int64_t last, Hyper h,
-                                                        Tables t) {
+                                                        std::int64_t last, Hyper h) {
   const G* g = static_cast<const G*>(l.g);
   G* step = static_cast<G*>(l.step);
   float e_g2[kMaxBlock], e_dx2[kMaxBlock];
   std::uint32_t bits[kMaxBlock];
   const std::int64_t n = l.block;
-  constexpr bool kF32 = std::is_same<G, float>::value;
   for (std::int64_t b = first; b < last; ++b) {
     const std::int64_t o = b * n;
     const float scale_g2 = l.scale_in[0][b], scale_dx2 = l.scale_in[1][b];
 #pragma GCC ivdep
     for (std::int64_t i = 0; i < n; ++i) {
       const float grad = Widen(g[o + i]);
-      const float old_e_g2 = t.levels[l.codes_in[0][o + i]] * scale_g2;
-      const float old_e_dx2 = t.levels[l.codes_in[1][o + i]] * scale_dx2;
+      const float level_g2 = Level<kFma>(l.codes_in[0][o + i]);
+      const float level_dx2 = Level<kFma>(l.codes_in[1][o + i]);
+      const float old_e_g2 = level_g2 * scale_g2;
+      const float old_e_dx2 = level_dx2 * scale_dx2;
       const float g2 = h.one_minus_rho * (grad * grad);
-      const float avg_g2 = !kFma ? h.rho * old_e_g2 + g2
-                           : kF32 ? std::fma(h.one_minus_rho, grad * grad, h.rho * old_e_g2)
-                                  : std::fma(h.rho, old_e_g2, g2);
-      const float dx2_eps = kFma ? std::fma(t.levels[l.codes_in[1][o + i]], scale_dx2, h.eps) : old_e_dx2 + h.eps;
+      const float avg_g2 =
+          kFma ? std::fma(h.one_minus_rho, grad * grad, h.rho * old_e_g2) : h.rho * old_e_g2 + g2;
+      const float dx2_eps = kFma ? std::fma(level_dx2, scale_dx2, h.eps) : old_e_dx2 + h.eps;
       const float delta = grad * std::sqrt(dx2_eps / (avg_g2 + h.eps));
       const float dx2 = h.one_minus_rho * (delta * delta);
       e_g2[i] = avg_g2;
-      e_dx2[i] = !kFma ? h.rho * old_e_dx2 + dx2
-                 : kF32 ? std::fma(h.one_minus_rho, delta * delta, h.rho * old_e_dx2)
-                        : std::fma(h.rho, old_e_dx2, dx2);
+      e_dx2[i] = kFma ? std::fma(h.one_minus_rho, delta * delta, h.rho * old_e_dx2)
+                      : h.rho * old_e_dx2 + dx2;
       Narrow(delta, &step[o + i]);
     }
-    const std::uint32_t* random = nullptr;
     if (h.stochastic) {
       const std::int64_t p = o / l.problem;  // blocks do not straddle problems
       const std::uint32_t key = l.keys[p], start = static_cast<std::uint32_t>(o - p * l.problem);
       for (std::int64_t i = 0; i < n; ++i) {
         bits[i] = Mix((start + static_cast<std::uint32_t>(i)) ^ key);
       }
-      random = bits;
+      l.scale_out[0][b] = Quantize<kFma, true>(e_g2, n, l.codes_out[0] + o, bits, 16);
+      l.scale_out[1][b] = Quantize<kFma, true>(e_dx2, n, l.codes_out[1] + o, bits, 0);
+    } else {
+      l.scale_out[0][b] = Quantize<kFma, false>(e_g2, n, l.codes_out[0] + o, bits, 16);
+      l.scale_out[1][b] = Quantize<kFma, false>(e_dx2, n, l.codes_out[1] + o, bits, 0);
     }
-    l.scale_out[0][b] = Quantize(e_g2, n, l.codes_out[0] + o, t, random, 16);
-    l.scale_out[1][b] = Quantize(e_dx2, n, l.codes_out[1] + o, t, random, 0);
   }
 }
 
 // The one function compiled per instruction set; the loader picks the widest the CPU has.
 OPTAX_ADADELTA_CLONES void Run(const Leaf& l, std::int64_t first, std::int64_t last,
-                               Hyper h, Tables t, bool fma) {
+                               Hyper h, bool fma) {
   if (l.bf16) {
-    fma ? UpdateBlocks<true, bf16_bits>(l, first, last, h, t)
-        : UpdateBlocks<false, bf16_bits>(l, first, last, h, t);
+    fma ? UpdateBlocks<true, bf16_bits>(l, first, last, h)
+        : UpdateBlocks<false, bf16_bits>(l, first, last, h);
   } else {
-    fma ? UpdateBlocks<true, float>(l, first, last, h, t)
-        : UpdateBlocks<false, float>(l, first, last, h, t);
+    fma ? UpdateBlocks<true, float>(l, first, last, h)
+        : UpdateBlocks<false, float>(l, first, last, h);
   }
 }
 
@@ -205,15 +248,12 @@ ffi::ErrorOr<Leaf> Describe(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
 
 constexpr std::int64_t kChunk = 1 << 15;  // coordinates per task, whole blocks
 
-ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> levels,
-                      ffi::Buffer<ffi::F32> inverse_gaps, ffi::RemainingArgs args,
+ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
                       ffi::RemainingRets rets, float rho, float one_minus_rho, float eps,
                       bool stochastic) {
-  if (args.size() % 6 != 0 || rets.size() != args.size() / 6 * 5 ||
-      levels.element_count() != 256 || inverse_gaps.element_count() != 256) {
+  if (args.size() % 6 != 0 || rets.size() != args.size() / 6 * 5) {
     return ffi::Error::InvalidArgument(
-        "optax_adadelta native 8-bit update: two tables of 256, then six arguments and "
-        "five results per leaf");
+        "optax_adadelta native 8-bit update: six arguments and five results per leaf");
   }
   struct Task {
     std::size_t leaf;
@@ -232,11 +272,10 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> levels,
     }
   }
   const Hyper h{rho, one_minus_rho, eps, stochastic};
-  const Tables t{levels.typed_data(), inverse_gaps.typed_data()};
   const bool fma = HasFma();
   ParallelFor(pool, static_cast<std::int64_t>(tasks.size()), [&](std::int64_t c) {
     const Task& task = tasks[c];
-    Run(leaves[task.leaf], task.first, task.last, h, t, fma);
+    Run(leaves[task.leaf], task.first, task.last, h, fma);
   });
   return ffi::Error::Success();
 }
@@ -246,8 +285,6 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> levels,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax_adadelta_update_8bit, UpdateImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // LEVELS
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // INVERSE_GAPS
                                   .RemainingArgs()  // (g, codes, scale, codes, scale, key)
                                   .RemainingRets()  // (Δx, codes, scale, codes, scale)
                                   .Attr<float>("rho")

@@ -105,60 +105,68 @@ def _blocks(x: jax.Array, blocks: int) -> jax.Array:
   return x.reshape(*x.shape[:-1], blocks, x.shape[-1] // blocks)
 
 
-def _tables() -> tuple[np.ndarray, np.ndarray]:
-  """LEVELS[c] = E(c)/S as float32 (LEVELS[255] = 1), and 1/(LEVELS[c+1] − LEVELS[c])."""
-  exact = np.exp2(_GAMMA * (np.arange(256) - 255.0))
-  exact[0] = 0.0
-  levels = exact.astype(np.float32)
-  gaps = np.diff(levels.astype(np.float64))
-  return levels, np.append(1.0 / gaps, 0.0).astype(np.float32)
+# E(c)/S = 2^(−γk) for k = 255 − c: with 12k = 127q + r, 2^(−q) · 2^(−r/127), the second
+# factor a polynomial in r (a least-squares fit, within 1.3e-7 of 2^(−r/127) in float32).
+# Integer steps, one Horner chain (each step one multiply-add, which XLA contracts exactly
+# where the native kernel does) and an exact power of two: the same float32 bits in XLA and
+# in the kernel, with no table to look up.
+_POLYNOMIAL = (  # coefficients of r¹ … r⁶; r⁰'s is 1
+  -0.005457850638777018,
+  1.489393980591558e-05,
+  -2.7090141685448543e-08,
+  3.682612895183901e-11,
+  -3.862069762302148e-14,
+  2.6107046013841357e-17,
+)
 
 
-LEVELS, INVERSE_GAPS = _tables()  # the native kernel builds the same two from these numbers
+def level(codes: jax.Array) -> jax.Array:
+  """E(c)/S as float32 for int32 codes c in [0, 255]: 0 for c = 0, exactly 1 for c = 255."""
+  k12 = (255 - codes) * 12
+  q = jnp.right_shift(k12 * 8257, 20)  # ⌊12k / 127⌋, exact for 12k < 3100
+  r = (k12 - q * 127).astype(jnp.float32)
+  acc = jnp.full_like(r, _POLYNOMIAL[-1])
+  for coefficient in reversed(_POLYNOMIAL[:-1]):
+    acc = coefficient + r * acc
+  mantissa = 1.0 + r * acc
+  power = jax.lax.bitcast_convert_type(jnp.left_shift(127 - q, 23), jnp.float32)  # 2^(−q)
+  return jnp.where(codes == 0, 0.0, mantissa * power)
+
+
 # The estimate of a code from a float's bits (see `_code_below`): c ≈ 255 + (bits − 127·2²³)
 # / 2¹⁵ · 254 / 6144, computed on non-negative integers; _BIAS·6144 keeps them so.
 _BIAS = 1400
 
 
-def _lookup(table: np.ndarray, index: jax.Array) -> jax.Array:
-  """table[index], laid out like `index` (a replicated table, a sharded index: no collective)."""
-  return (
-    jnp.asarray(table)
-    .at[index]
-    .get(mode="promise_in_bounds", out_sharding=jax.typeof(index).sharding)
-  )
-
-
 def _code_below(x: jax.Array) -> jax.Array:
-  """The largest c ≤ 254 with LEVELS[c] ≤ x (0 for x = 0 or NaN), as int32.
+  """The largest c ≤ 254 with level(c) ≤ x (254 for NaN), as int32.
 
   A float's bits, read as an integer, are 2²³·(e + 127 + f) for x = 2^e·(1 + f), and
   e + f ≤ log2 x < e + f + 0.0861: so ⌊255 + (e + f)/γ⌋ is the code below x or the one
-  before it (0.0861/γ < 1 code), and one comparison with the table settles which. In
-  integers only, so that the native kernel finds the same code.
+  before it (0.0861/γ < 1 code), and one comparison settles which. In integers only, so
+  that the native kernel finds the same code.
   """
   bits = jax.lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(0x7FFFFFFF)
   octaves = jnp.right_shift(bits - jnp.int32(127 << 23), 15)  # (e + f)·2⁸, rounded down
   estimate = (octaves * 254 + 6144 * (255 + _BIAS)) // 6144 - _BIAS
   estimate = jnp.clip(estimate, 0, 254)
-  above = x >= _lookup(LEVELS, estimate + 1)
+  above = x >= level(estimate + 1)
   return jnp.minimum(estimate + above.astype(jnp.int32), 254)
 
 
 def dequantize(q: QuantizedAverage) -> jax.Array:
-  """The float32 average a QuantizedAverage stands for: LEVELS[code] · scale."""
+  """The float32 average a QuantizedAverage stands for: level(code) · scale."""
   blocks = q.scale.shape[-1]
-  levels = _lookup(LEVELS, q.codes.astype(jnp.int32))
-  values = _blocks(levels, blocks) * q.scale[..., None]
+  values = _blocks(level(q.codes.astype(jnp.int32)), blocks) * q.scale[..., None]
   return values.reshape(q.codes.shape)
 
 
 def quantize(values: jax.Array, blocks: int, bits: jax.Array | None) -> QuantizedAverage:
   """Codes for non-negative float32 `values`, rounded up with probability p.
 
-  With x = E/S between LEVELS[c] and LEVELS[c + 1], p = (x − LEVELS[c])/(LEVELS[c + 1] −
-  LEVELS[c]): linear in E, so the mean of the stored E over 16 random `bits` per value is
-  the value; `bits=None` rounds to the nearer code in E (p > 1/2). Two table lookups and
+  With x = E/S between level(c) and level(c + 1), p = (x − level(c))/(level(c + 1) −
+  level(c)): linear in E, so the mean of the stored E over 16 random `bits` per value is
+  the value; `bits=None` rounds to the nearer code in E (p > 1/2). Three polynomials and
   no logarithm per value; the native kernel computes the same numbers in the same order.
   A NaN makes its block's scale NaN, so the whole block reads NaN: loud, and bounded.
   """
@@ -167,7 +175,8 @@ def quantize(values: jax.Array, blocks: int, bits: jax.Array | None) -> Quantize
   scale = jnp.where(jnp.isnan(grouped).any(axis=-1, keepdims=True), jnp.nan, scale)
   x = grouped * (1.0 / jnp.where(scale > 0, scale, 1.0))  # in [0, 1]
   low = _code_below(x)
-  p = (x - _lookup(LEVELS, low)) * _lookup(INVERSE_GAPS, low)
+  below = level(low)
+  p = (x - below) / (level(low + 1) - below)
   threshold = 0.5 if bits is None else _blocks(to_uniform(bits), blocks)
   codes = jnp.where(grouped >= scale, 255, low + (p > threshold).astype(jnp.int32))
   return QuantizedAverage(codes.astype(jnp.uint8).reshape(values.shape), scale[..., 0])

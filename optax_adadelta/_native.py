@@ -44,7 +44,15 @@ _TARGET = "optax_adadelta_update"
 TARGET_8BIT = "optax_adadelta_update_8bit"  # _kernel_8bit.cc, used by _native_8bit.py
 _SOURCES = [Path(__file__).with_name(n) for n in ("_kernel.cc", "_kernel_8bit.cc")]
 _HEADER = Path(__file__).with_name("_kernel_common.h")
-_FLAGS = ("-std=c++17", "-O3", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared")
+_FLAGS = (
+  "-std=c++17",
+  "-O3",
+  "-fno-math-errno",
+  "-fno-trapping-math",  # FP exception flags only: comparisons then vectorise
+  "-ffp-contract=off",
+  "-fPIC",
+  "-shared",
+)
 # Δx is written over the gradient of a leaf this large: a fresh buffer of that size costs
 # more than the update (its pages are faulted in on every step). Smaller leaves get a new one.
 _IN_PLACE_STEP = 1 << 18

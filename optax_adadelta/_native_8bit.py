@@ -102,17 +102,14 @@ def _kernel_call(*flat, hyper: _native.Hyper, stochastic: bool):
   rho, one_minus_rho, eps = hyper
   aliases, outputs = {}, []
   for leaf in range(len(flat) // _IN):
-    i, o = 2 + _IN * leaf, _OUT * leaf  # operands 0 and 1 are the tables
-    g = flat[i - 2]
-    if g.size >= _native._IN_PLACE_STEP:
+    i, o = _IN * leaf, _OUT * leaf
+    if flat[i].size >= _native._IN_PLACE_STEP:  # Δx over g
       aliases[i] = o
-    aliases.update({i + k: o + k for k in range(1, _OUT)})
-    outputs += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat[i - 2 : i - 2 + _OUT]]
+    aliases.update({i + k: o + k for k in range(1, _OUT)})  # codes and scales in place
+    outputs += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in flat[i : i + _OUT]]
   call = jax.ffi.ffi_call(_native.TARGET_8BIT, outputs, input_output_aliases=aliases)
-  tables = [jax.numpy.asarray(_low_memory.LEVELS), jax.numpy.asarray(_low_memory.INVERSE_GAPS)]
   return tuple(
     call(
-      *tables,
       *flat,
       rho=np.float32(rho),  # float32, as the pure-JAX update's constants
       one_minus_rho=np.float32(one_minus_rho),
