@@ -19,7 +19,8 @@ import optax_adadelta
 
 where = Path(optax_adadelta.__file__).resolve()
 assert "site-packages" in where.parts, f"imported from {where}, not from the installed wheel"
-assert (where.parent / "_kernel.cc").is_file(), "the wheel lacks _kernel.cc"
+for source in ("_kernel.cc", "_kernel_8bit.cc", "_kernel_common.h"):
+  assert (where.parent / source).is_file(), f"the wheel lacks {source}"
 loaded = [name for name in ("tqdm", "matplotlib") if name in sys.modules]
 assert not loaded, f"import optax_adadelta loaded the demo's extras {loaded}"
 
@@ -49,6 +50,18 @@ assert "optax_adadelta" in hlo, "the jitted step does not call the native kernel
 (jax_params, _), _ = step("jax")
 for name in params:
   np.testing.assert_allclose(native_params[name], jax_params[name], rtol=1e-6, atol=1e-7)
+
+# The 8-bit state's kernel, from the same shipped sources: the same codes as XLA's.
+eight_bit = {"w": jnp.zeros((8, 512))}
+g8 = {"w": jnp.linspace(-1.0, 1.0, 4096).reshape(8, 512)}
+for_8bit = {
+  i: optax_adadelta.scale_by_adadelta(state_bits=8, implementation=i) for i in ("native", "jax")
+}
+hlo = jax.jit(for_8bit["native"].update).lower(g8, for_8bit["native"].init(eight_bit)).as_text()
+assert "optax_adadelta_update_8bit" in hlo, "the 8-bit step does not call its native kernel"
+got, want = (jax.jit(for_8bit[i].update)(g8, for_8bit[i].init(eight_bit)) for i in for_8bit)
+for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+  np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=1e-6)
 
 script = shutil.which("optax-adadelta")
 assert script, "the optax-adadelta console script is not on PATH"

@@ -77,9 +77,10 @@ def scale_by_adadelta(
       :math:`E[g^2]`. The presets in :mod:`optax_adadelta.presets` choose their peer's.
     implementation: ``"auto"`` updates float32 and bfloat16 leaves on CPU with a fused
       native kernel (the default rule, with Python-number ``rho`` and ``eps``; results
-      within 1 ulp of XLA's, bit-identical where XLA fuses as the kernel does) and
-      everything else with XLA; ``"jax"`` always XLA; ``"native"`` like ``"auto"`` but
-      raises where the kernel cannot be used. See :func:`optax_adadelta.native_available`.
+      within 1 ulp of XLA's, bit-identical where XLA fuses as the kernel does), the 8-bit
+      state with another (the same codes as XLA's), and everything else with XLA;
+      ``"jax"`` always XLA; ``"native"`` like ``"auto"`` but raises where the kernel cannot
+      be used. See :func:`optax_adadelta.native_available`.
     packed_state: keep the averages of all leaves below ``2**18`` elements in one flat array
       each (a :class:`PackedAdadeltaState`); for models of many small leaves, whose step
       otherwise passes two state arrays per leaf (1,000 leaves: 1.8–2.5× faster). Opt-in:

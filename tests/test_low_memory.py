@@ -471,7 +471,7 @@ def test_zero_split_8bit_state_keeps_blocks_whole_and_updates_without_gathering_
   with pytest.raises(ValueError, match="do not divide evenly"):
     zero.state_shardings(jax.eval_shape(tx.init, params), mesh)  # blocks of 256
   split_params = jax.device_put(params, zero.state_shardings(params, mesh))
-  shardings = zero.state_shardings(jax.eval_shape(tx.init, split_params), mesh)
+  shardings = zero.state_shardings(tx.init(split_params), mesh)  # jax 0.8: not eval_shape
   w = shardings[1].e_g2["w"]
   assert w.codes.spec == w.scale.spec == P(None, "data")
   state = jax.device_put(tx.init(split_params), shardings)
