@@ -88,16 +88,9 @@ __attribute__((always_inline)) inline std::uint32_t Mix(std::uint32_t x) {  // _
   return x ^ (x >> 16);
 }
 
-// _low_memory._code_below, and the two levels around x: an estimate from the float's bits,
-// settled by one comparison. The levels are those XLA computes for the code found and the
-// next (Level is a function of the code alone), with two polynomials instead of three.
-struct Bracket {
-  int low;
-  float below, above;  // level(low), level(low + 1)
-};
-
+// _low_memory._code_below: an estimate from the float's bits, settled by one comparison.
 template <bool kFma>
-__attribute__((always_inline)) inline Bracket CodeBelow(float x) {
+__attribute__((always_inline)) inline int CodeBelow(float x) {
   std::uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   const std::int32_t magnitude = static_cast<std::int32_t>(bits & 0x7FFFFFFFu);
@@ -106,10 +99,8 @@ __attribute__((always_inline)) inline Bracket CodeBelow(float x) {
   const std::int32_t n = octaves * 254 + 6144 * (255 + kBias);
   std::int32_t estimate = (((n >> 11) * 43691) >> 17) - kBias;
   estimate = std::min(std::max(estimate, 0), 254);
-  const float next = Level<kFma>(estimate + 1);
-  const bool up = x >= next && estimate < 254;  // the code is estimate + 1
-  const float other = Level<kFma>(up ? estimate + 2 : estimate);
-  return {estimate + static_cast<int>(up), up ? next : other, up ? other : next};
+  estimate += static_cast<std::int32_t>(x >= Level<kFma>(estimate + 1));
+  return std::min(estimate, 254);
 }
 
 // The block's largest value, NaN if it holds one (as `quantize` makes XLA's). The values are
@@ -136,9 +127,9 @@ __attribute__((always_inline)) inline float Quantize(const float* values, std::i
   const float inverse = 1.0f / (scale > 0 ? scale : 1.0f);
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = values[i] * inverse;
-    const Bracket c = CodeBelow<kFma>(x);
-    const int low = c.low;
-    const float p = (x - c.below) / (c.above - c.below);
+    const int low = CodeBelow<kFma>(x);
+    const float below = Level<kFma>(low);
+    const float p = (x - below) / (Level<kFma>(low + 1) - below);
     float u = 0.5f;
     if (kStochastic) {
       u = (static_cast<float>((bits[i] >> shift) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
