@@ -31,22 +31,22 @@ def round_to_grid(values, gamma, uniform):
 def bias(gamma, rng, rho=0.95, eps=1e-4, size=20_000, steps=300):
   """(mean E[Δx²], mean |Δx| over the last 100 steps), rounded over float64."""
   scale = np.exp(rng.standard_normal(size)) * 0.05
-  exact = [np.zeros(size), np.zeros(size)]
-  rounded = [np.zeros(size), np.zeros(size)]
-  step_sums = [0.0, 0.0]
+  states = {"exact": (np.zeros(size), np.zeros(size)), "rounded": (np.zeros(size), np.zeros(size))}
+  step_sums = {"exact": 0.0, "rounded": 0.0}
   for t in range(steps):
     g = rng.standard_normal(size) * scale
-    for k, (e_g2, e_dx2) in enumerate((exact, rounded)):
+    for name, (e_g2, e_dx2) in states.items():
       e_g2 = rho * e_g2 + (1 - rho) * g * g
       step = g * np.sqrt((e_dx2 + eps) / (e_g2 + eps))
       e_dx2 = rho * e_dx2 + (1 - rho) * step * step
-      if k == 1:
+      if name == "rounded":
         e_g2 = round_to_grid(e_g2, gamma, rng.random(size))
         e_dx2 = round_to_grid(e_dx2, gamma, rng.random(size))
-      (exact, rounded)[k][:] = [e_g2, e_dx2]
+      states[name] = e_g2, e_dx2
       if t >= steps - 100:
-        step_sums[k] += float(np.abs(step).mean())
-  return rounded[1].mean() / exact[1].mean(), step_sums[1] / step_sums[0]
+        step_sums[name] += float(np.abs(step).mean())
+  ratio = states["rounded"][1].mean() / states["exact"][1].mean()
+  return ratio, step_sums["rounded"] / step_sums["exact"]
 
 
 def main() -> None:

@@ -128,15 +128,15 @@ def scale_by_adadelta(
   )
   update_leaf = _leaf_update(_rules.RULES[update_rule], rho, eps)
   if low_memory:
-    no_kernel = state_bits is None and implementation == "native"  # 16-bit: XLA only
-    if packed_state or no_kernel:
-      given = "packed_state=True" if packed_state else "implementation='native'"
+    if packed_state:
       raise ValueError(
-        f"{given} cannot be combined with stochastic_rounding=True without state_bits=8: "
-        "the 16-bit low-memory state is updated by XLA, leaf by leaf; drop one of the two"
-        if no_kernel
-        else f"{given} cannot be combined with stochastic_rounding=True or state_bits=8: "
+        "packed_state=True cannot be combined with stochastic_rounding=True or state_bits=8: "
         "the low-memory state mirrors the parameters leaf by leaf; drop one of the two"
+      )
+    if state_bits is None and implementation == "native":
+      raise ValueError(
+        "implementation='native' cannot be combined with stochastic_rounding=True without "
+        "state_bits=8: the 16-bit low-memory state is updated by XLA; drop one of the two"
       )
     hyper = None if state_bits is None else _native_hyper(rho, eps, update_rule, implementation)
     return _low_memory.scale_by_adadelta_low_memory(

@@ -161,6 +161,16 @@ def dequantize(q: QuantizedAverage) -> jax.Array:
   return values.reshape(q.codes.shape)
 
 
+def _block_max(grouped: jax.Array) -> jax.Array:
+  """Each block's largest value, NaN if it holds one (XLA's CPU max may skip a NaN).
+
+  The values are non-negative or NaN: their bits, sign cleared, order as integers with NaN
+  above +inf, so one integer maximum does it (the native kernel takes the same one).
+  """
+  bits = jax.lax.bitcast_convert_type(grouped, jnp.int32) & jnp.int32(0x7FFFFFFF)
+  return jax.lax.bitcast_convert_type(jnp.max(bits, axis=-1, keepdims=True), jnp.float32)
+
+
 def quantize(values: jax.Array, blocks: int, bits: jax.Array | None) -> QuantizedAverage:
   """Codes for non-negative float32 `values`, rounded up with probability p.
 
@@ -171,8 +181,7 @@ def quantize(values: jax.Array, blocks: int, bits: jax.Array | None) -> Quantize
   A NaN makes its block's scale NaN, so the whole block reads NaN: loud, and bounded.
   """
   grouped = _blocks(values.astype(jnp.float32), blocks)
-  scale = jnp.max(grouped, axis=-1, keepdims=True)  # XLA's CPU max may skip a NaN:
-  scale = jnp.where(jnp.isnan(grouped).any(axis=-1, keepdims=True), jnp.nan, scale)
+  scale = _block_max(grouped)
   x = grouped * (1.0 / jnp.where(scale > 0, scale, 1.0))  # in [0, 1]
   low = _code_below(x)
   below = level(low)

@@ -206,9 +206,24 @@ def _partitioned(ranks: tuple[int, ...]):
   return call
 
 
+def sharded_over_devices(ctx) -> bool:
+  """Whether a lowering is of a step sharded over several devices (jit with shardings)."""
+  axes = ctx.module_context.axis_context
+  return type(axes).__name__ == "ShardingContext" and axes.num_devices > 1
+
+
+def batch_axes_first(args, dims) -> list:
+  """The operands of a batched primitive with the vmap axis leading each (broadcast if none)."""
+  size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
+  return [
+    jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
+    for x, d in zip(args, dims, strict=True)
+  ]
+
+
 def _cpu_lowering(ctx, *flat, hyper, rule):
   context, axes = ctx.module_context, ctx.module_context.axis_context
-  sharded = type(axes).__name__ == "ShardingContext" and axes.num_devices > 1
+  sharded = sharded_over_devices(ctx)
   fn: Callable
   if context.lowering_parameters.for_export or (sharded and axes.device_assignment is None):
     fn = functools.partial(_by_rule, rule=rule)
@@ -221,12 +236,7 @@ def _cpu_lowering(ctx, *flat, hyper, rule):
 
 
 def _batch(args, dims, *, hyper, rule):
-  size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
-  moved = [
-    jnp.broadcast_to(x, (size, *x.shape)) if d is None else jnp.moveaxis(x, d, 0)
-    for x, d in zip(args, dims, strict=True)
-  ]
-  return _update_p.bind(*moved, hyper=hyper, rule=rule), [0] * len(args)
+  return _update_p.bind(*batch_axes_first(args, dims), hyper=hyper, rule=rule), [0] * len(args)
 
 
 def _jvp(primals, tangents, *, hyper, rule):

@@ -28,13 +28,13 @@ from jax.interpreters import ad, batching, mlir
 
 from optax_adadelta import _low_memory, _native
 
-_LEAVES_PER_CALL = 256
 _IN = 6  # g, codes and scale of E[g²], codes and scale of E[Δx²], key
 _OUT = 5  # Δx, codes and scale of E[g²], codes and scale of E[Δx²]
 
 
 def supports(g: jax.Array) -> bool:
-  return g.dtype in (np.dtype(np.float32), np.dtype(jax.numpy.bfloat16)) and g.ndim > 0
+  """Float32 and bfloat16 gradients, as `_native.supports` (the state is float32 here)."""
+  return (g.dtype, np.dtype(np.float32)) in _native._SUPPORTED and g.ndim > 0
 
 
 def updater(
@@ -49,8 +49,8 @@ def updater(
     native = [i for i, leaf in enumerate(leaves) if supports(leaf[0])]
     for i in set(range(len(leaves))) - set(native):
       results[i] = _unflatten(pure(*_flatten(leaves[i])))
-    for start in range(0, len(native), _LEAVES_PER_CALL):
-      group = native[start : start + _LEAVES_PER_CALL]
+    for start in range(0, len(native), _native._LEAVES_PER_CALL):
+      group = native[start : start + _native._LEAVES_PER_CALL]
       flat = [x for i in group for x in _flatten(leaves[i])]
       out = _update_p.bind(*flat, hyper=hyper, stochastic=stochastic, pure=pure)
       for k, i in enumerate(group):
@@ -120,9 +120,7 @@ def _kernel_call(*flat, hyper: _native.Hyper, stochastic: bool):
 
 
 def _cpu_lowering(ctx, *flat, hyper, stochastic, pure):
-  axes = ctx.module_context.axis_context
-  sharded = type(axes).__name__ == "ShardingContext" and axes.num_devices > 1
-  if ctx.module_context.lowering_parameters.for_export or sharded:
+  if ctx.module_context.lowering_parameters.for_export or _native.sharded_over_devices(ctx):
     fn: Callable = functools.partial(_by_pure, pure=pure)
   else:
     fn = functools.partial(_kernel_call, hyper=hyper, stochastic=stochastic)
@@ -132,12 +130,7 @@ def _cpu_lowering(ctx, *flat, hyper, stochastic, pure):
 def _batch(args, dims, **params):
   """A vmap axis becomes the leading axis of every operand, the key's included: the kernel
   then updates one problem per key, as separate calls would."""
-  size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
-  moved = [
-    jax.numpy.broadcast_to(x, (size, *x.shape)) if d is None else jax.numpy.moveaxis(x, d, 0)
-    for x, d in zip(args, dims, strict=True)
-  ]
-  out = _update_p.bind(*moved, **params)
+  out = _update_p.bind(*_native.batch_axes_first(args, dims), **params)
   return out, [0] * len(out)
 
 
