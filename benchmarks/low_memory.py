@@ -304,7 +304,7 @@ def figure1(args) -> dict:
   )
   order = jax.jit(jax.vmap(lambda k, e: lib.epoch_batches(k, e, len(x_train)), in_axes=(0, None)))
   runs = {}
-  for fmt in ACCURACY_FORMATS:
+  for fmt in args.formats:
     tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **FORMATS[fmt])
 
     def init_one(key, tx=tx):
@@ -391,7 +391,7 @@ def main(argv=None) -> None:
   parser.add_argument("--seeds", type=int, default=None, help="how many seeds")
   parser.add_argument("--first-seed", type=int, default=0, help="accuracy: seeds from this")
   parser.add_argument(
-    "--formats", nargs="+", default=ACCURACY_FORMATS, choices=ACCURACY_FORMATS, help="accuracy"
+    "--formats", nargs="+", default=ACCURACY_FORMATS, choices=ACCURACY_FORMATS, help="accuracy, figure1"
   )
   parser.add_argument(
     "--cells",

@@ -2,7 +2,8 @@
 
 from optax_adadelta import interop, presets, sharding
 from optax_adadelta._adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
-from optax_adadelta._low_memory import LowMemoryAdadeltaState, QuantizedAverage
+from optax_adadelta._codes_8bit import QuantizedAverage
+from optax_adadelta._low_memory import LowMemoryAdadeltaState
 from optax_adadelta._native import is_available as native_available
 from optax_adadelta._packed import PackedAdadeltaState, PackedLayout
 from optax_adadelta.transforms import (

@@ -142,12 +142,14 @@ def scale_by_adadelta(
     return _low_memory.scale_by_adadelta_low_memory(
       update_leaf,
       accumulator_dtype,
+      rho,
+      eps,
       state_bits=state_bits,
       stochastic_rounding=rounding,
       min_8bit_size=4096 if min_8bit_size is None else int(min_8bit_size),
       update_quantized_leaves=None
       if hyper is None
-      else _native_8bit.updater(hyper, update_leaf, rounding),
+      else _native_8bit.updater(hyper, update_leaf, rounding, rho, eps),
     )
   hyper = _native_hyper(rho, eps, update_rule, implementation)
   if packed_state:

@@ -10,9 +10,10 @@
 //   scale  <- the block's largest new E (NaN if one is NaN); x = E · (1/scale)
 //   code   <- c + (p > u), c the largest code with level(c) <= x (<= 254),
 //             p = (x − level(c)) / (level(c + 1) − level(c)), u = 1/2 or
-//             (16 random bits + ½)/2¹⁶; 255 for the block's largest value
+//             (16 random bits + ½)/2¹⁶; 255 for the block's largest value; E[g²]'s p,
+//             rounded stochastically and c > 0, lifted by ρ/(1+ρ)·p(1−p)·spread/(x + ε/S)
 //
-// the operations of `_low_memory.quantize` and `dequantize` in their order, so that the
+// the operations of `_codes_8bit.quantize` and `dequantize` in their order, so that the
 // kernel and XLA store the same codes (the random bits are the same hash of the key and the
 // coordinate's index in the leaf). Where the CPU has FMA, XLA's CPU backend fuses
 // ρ·E + (1−ρ)·x² here as fma((1−ρ), x², ρ·E) (E, dequantized, is itself a product, and
@@ -33,20 +34,21 @@ namespace {
 
 using namespace optax_adadelta;  // NOLINT: the shared helpers of _kernel_common.h
 
-constexpr std::int64_t kMaxBlock = 256;  // _low_memory.MAX_BLOCK
-constexpr int kBias = 1400;              // _low_memory._BIAS
+constexpr std::int64_t kMaxBlock = 256;  // _codes_8bit.MAX_BLOCK
+constexpr int kBias = 1400;              // _codes_8bit._BIAS
 
 struct Hyper {
   float rho, one_minus_rho, eps;
   bool stochastic;
+  float lift;  // _codes_8bit.lift_weight: ρ/(1 + ρ)
 };
 
-// _low_memory._POLYNOMIAL, as float32 (the values XLA's constants round to).
+// _codes_8bit._POLYNOMIAL, as float32 (the values XLA's constants round to).
 constexpr float kPolynomial[6] = {-0.005457850638777018f, 1.489393980591558e-05f,
                                   -2.7090141685448543e-08f, 3.682612895183901e-11f,
                                   -3.862069762302148e-14f, 2.6107046013841357e-17f};
 
-// _low_memory.level: E(c)/S for a code c in [0, 255], with multiply-adds fused as XLA fuses
+// _codes_8bit.level: E(c)/S for a code c in [0, 255], with multiply-adds fused as XLA fuses
 // them (kFma) or not at all.
 template <bool kFma>
 __attribute__((always_inline)) inline float Level(std::int32_t code) {
@@ -80,7 +82,7 @@ struct Leaf {
   bool bf16;
 };
 
-__attribute__((always_inline)) inline std::uint32_t Mix(std::uint32_t x) {  // _low_memory._mix
+__attribute__((always_inline)) inline std::uint32_t Mix(std::uint32_t x) {  // _random_bits._mix
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
@@ -88,7 +90,7 @@ __attribute__((always_inline)) inline std::uint32_t Mix(std::uint32_t x) {  // _
   return x ^ (x >> 16);
 }
 
-// _low_memory._code_below: an estimate from the float's bits, settled by one comparison.
+// _codes_8bit._code_below: an estimate from the float's bits, settled by one comparison.
 template <bool kFma>
 __attribute__((always_inline)) inline int CodeBelow(float x) {
   std::uint32_t bits;
@@ -119,17 +121,25 @@ __attribute__((always_inline)) inline float BlockMax(const float* values, std::i
 }
 
 // Codes for the block's new averages `values`; returns its scale. `bits`: 16 random bits per
-// value at `shift` (stochastic rounding), else rounded to the nearer code.
-template <bool kFma, bool kStochastic>
-__attribute__((always_inline)) inline float Quantize(const float* values, std::int64_t n, std::uint8_t* codes,
-                      const std::uint32_t* bits, int shift) {
+// value at `shift` (stochastic rounding), else rounded to the nearer code. kLift: E[g²]'s
+// rounding, its probability raised by weight·p(1 − p)·spread/(x + ε/S) above code 0.
+template <bool kFma, bool kStochastic, bool kLift>
+__attribute__((always_inline)) inline float Quantize(const float* values, std::int64_t n,
+                                                     std::uint8_t* codes, const std::uint32_t* bits,
+                                                     int shift, float weight, float eps) {
   const float scale = BlockMax(values, n);
   const float inverse = 1.0f / (scale > 0 ? scale : 1.0f);
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = values[i] * inverse;
     const int low = CodeBelow<kFma>(x);
     const float below = Level<kFma>(low);
-    const float p = (x - below) / (Level<kFma>(low + 1) - below);
+    const float spread = Level<kFma>(low + 1) - below;
+    float p = (x - below) / spread;
+    if (kLift) {
+      const float floor = kFma ? std::fma(eps, inverse, x) : x + eps * inverse;
+      const float raised = p + weight * (p * (1.0f - p)) * spread / floor;
+      p = low > 0 ? raised : p;
+    }
     float u = 0.5f;
     if (kStochastic) {
       u = (static_cast<float>((bits[i] >> shift) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
@@ -176,11 +186,15 @@ __attribute__((always_inline)) inline void UpdateBlocks(const Leaf& l, std::int6
       for (std::int64_t i = 0; i < n; ++i) {
         bits[i] = Mix((start + static_cast<std::uint32_t>(i)) ^ key);
       }
-      l.scale_out[0][b] = Quantize<kFma, true>(e_g2, n, l.codes_out[0] + o, bits, 16);
-      l.scale_out[1][b] = Quantize<kFma, true>(e_dx2, n, l.codes_out[1] + o, bits, 0);
+      l.scale_out[0][b] =
+          Quantize<kFma, true, true>(e_g2, n, l.codes_out[0] + o, bits, 16, h.lift, h.eps);
+      l.scale_out[1][b] =
+          Quantize<kFma, true, false>(e_dx2, n, l.codes_out[1] + o, bits, 0, 0.0f, 0.0f);
     } else {
-      l.scale_out[0][b] = Quantize<kFma, false>(e_g2, n, l.codes_out[0] + o, bits, 16);
-      l.scale_out[1][b] = Quantize<kFma, false>(e_dx2, n, l.codes_out[1] + o, bits, 0);
+      l.scale_out[0][b] =
+          Quantize<kFma, false, false>(e_g2, n, l.codes_out[0] + o, bits, 16, 0.0f, 0.0f);
+      l.scale_out[1][b] =
+          Quantize<kFma, false, false>(e_dx2, n, l.codes_out[1] + o, bits, 0, 0.0f, 0.0f);
     }
   }
 }
@@ -271,7 +285,7 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
       tasks.push_back({leaves.size() - 1, b, std::min(blocks, b + per_task)});
     }
   }
-  const Hyper h{rho, one_minus_rho, eps, stochastic};
+  const Hyper h{rho, one_minus_rho, eps, stochastic, rho / (1.0f + rho)};
   const bool fma = HasFma();
   ParallelFor(pool, static_cast<std::int64_t>(tasks.size()), [&](std::int64_t c) {
     const Task& task = tasks[c];

@@ -38,11 +38,13 @@ def supports(g: jax.Array) -> bool:
 
 
 def updater(
-  hyper: _native.Hyper, update_leaf: Callable[..., tuple], stochastic: bool
+  hyper: _native.Hyper, update_leaf: Callable[..., tuple], stochastic: bool, rho: Any, eps: Any
 ) -> Callable[[list[_low_memory.QuantizedLeaf]], list]:
   """A function from 8-bit leaves to :func:`_low_memory.update_quantized` of each: the
   float32 and bfloat16 ones by the kernel, up to 256 leaves per call, the rest by XLA."""
-  pure = functools.partial(update_leaf_flat, update_leaf=update_leaf, stochastic=stochastic)
+  pure = functools.partial(
+    update_leaf_flat, update_leaf=update_leaf, stochastic=stochastic, rho=rho, eps=eps
+  )
 
   def update_leaves(leaves: list[_low_memory.QuantizedLeaf]) -> list:
     results: list = [None] * len(leaves)
@@ -60,11 +62,14 @@ def updater(
   return update_leaves
 
 
-def update_leaf_flat(g, codes_g2, scale_g2, codes_dx2, scale_dx2, key, *, update_leaf, stochastic):
+def update_leaf_flat(
+  g, codes_g2, scale_g2, codes_dx2, scale_dx2, key, *, update_leaf, stochastic, rho, eps
+):
   """The pure-JAX update of one leaf, on flat arrays (the kernel's operands and results)."""
   a = _low_memory.QuantizedAverage(codes_g2, scale_g2)
   b = _low_memory.QuantizedAverage(codes_dx2, scale_dx2)
-  return _flatten_result(_low_memory.update_quantized((g, a, b, key), update_leaf, stochastic))
+  leaf = (g, a, b, key)
+  return _flatten_result(_low_memory.update_quantized(leaf, update_leaf, stochastic, rho, eps))
 
 
 def _flatten(leaf) -> list:

@@ -30,6 +30,7 @@ else:
 
 import optax_adadelta
 from optax_adadelta import _low_memory as lm
+from optax_adadelta._random_bits import shard_position
 
 SHAPE = (16, 1024)  # split 4 ways along the last axis: 256 per shard, one block each
 STEPS = 6
@@ -86,8 +87,8 @@ def test_shard_map_shards_draw_different_streams_and_a_replicated_leaf_the_same(
 
 
 def test_shard_position_is_none_outside_shard_map():
-  assert lm.shard_position(jnp.zeros(3)) is None
-  assert jax.jit(lambda x: lm.shard_position(x) is None)(jnp.zeros(3))
+  assert shard_position(jnp.zeros(3)) is None
+  assert jax.jit(lambda x: shard_position(x) is None)(jnp.zeros(3))
 
 
 # Two processes -----------------------------------------------------------------------
