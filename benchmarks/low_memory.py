@@ -391,7 +391,11 @@ def main(argv=None) -> None:
   parser.add_argument("--seeds", type=int, default=None, help="how many seeds")
   parser.add_argument("--first-seed", type=int, default=0, help="accuracy: seeds from this")
   parser.add_argument(
-    "--formats", nargs="+", default=ACCURACY_FORMATS, choices=ACCURACY_FORMATS, help="accuracy, figure1"
+    "--formats",
+    nargs="+",
+    default=ACCURACY_FORMATS,
+    choices=ACCURACY_FORMATS,
+    help="accuracy, figure1",
   )
   parser.add_argument(
     "--cells",
