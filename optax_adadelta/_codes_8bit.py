@@ -151,20 +151,23 @@ def quantize(
 
   `lift=(w, ε)` (for E[g²], with `bits`): p + w·p(1 − p)·(level(c + 1) − level(c))/(x + ε/S)
   instead, above code 0, so the stored E is on average higher than E by w·Var/(E + ε),
-  Var = (E − E(c))(E(c + 1) − E) the rounding's variance (see `lift_weight`).
+  Var = (E − E(c))(E(c + 1) − E) the rounding's variance (see `lift_weight`); computed with
+  one division, as p is.
   """
   grouped = blocks_of(values.astype(jnp.float32), blocks)
   scale = _block_max(grouped)
   inverse = 1.0 / jnp.where(scale > 0, scale, 1.0)
   x = grouped * inverse  # in [0, 1]
   low = _code_below(x)
-  below = level(low)
-  spread = level(low + 1) - below
-  p = (x - below) / spread
-  if lift is not None:
+  below, above = level(low), level(low + 1)
+  spread = above - below
+  if lift is None:
+    p = (x - below) / spread
+  else:  # p + w·p(1 − p)·spread/floor = (x − below)·(floor + w·(above − x))/(spread·floor)
     weight, eps = lift
-    raised = p + weight * (p * (1.0 - p)) * spread / (x + eps * inverse)
-    p = jnp.where(low > 0, raised, p)
+    floor = x + eps * inverse
+    weight = jnp.where(low > 0, weight, 0.0)
+    p = (x - below) * (floor + weight * (above - x)) / (spread * floor)
   threshold = 0.5 if bits is None else blocks_of(to_uniform(bits), blocks)
   codes = jnp.where(grouped >= scale, 255, low + (p > threshold).astype(jnp.int32))
   return QuantizedAverage(codes.astype(jnp.uint8).reshape(values.shape), scale[..., 0])

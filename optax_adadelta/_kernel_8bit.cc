@@ -133,12 +133,16 @@ __attribute__((always_inline)) inline float Quantize(const float* values, std::i
     const float x = values[i] * inverse;
     const int low = CodeBelow<kFma>(x);
     const float below = Level<kFma>(low);
-    const float spread = Level<kFma>(low + 1) - below;
-    float p = (x - below) / spread;
-    if (kLift) {
+    const float above = Level<kFma>(low + 1);
+    const float spread = above - below;
+    float p;
+    if (kLift) {  // p + w·p(1 − p)·spread/floor, with one division
       const float floor = kFma ? std::fma(eps, inverse, x) : x + eps * inverse;
-      const float raised = p + weight * (p * (1.0f - p)) * spread / floor;
-      p = low > 0 ? raised : p;
+      const float w = low > 0 ? weight : 0.0f;
+      const float lifted = kFma ? std::fma(w, above - x, floor) : floor + w * (above - x);
+      p = (x - below) * lifted / (spread * floor);
+    } else {
+      p = (x - below) / spread;
     }
     float u = 0.5f;
     if (kStochastic) {
