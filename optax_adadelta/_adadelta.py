@@ -89,7 +89,8 @@ def scale_by_adadelta(
       the same numbers either way.
     stochastic_rounding: round each new average stochastically and without bias when the
       state is narrower than float32 (``accumulator_dtype=jnp.bfloat16``, or the 8-bit
-      codes); ``None``: on for ``state_bits=8`` only. See docs/guides/low_memory.md.
+      codes, whose E[g²] rounding is lifted so that the steps stay unbiased);
+      ``None``: on for ``state_bits=8`` only. See docs/guides/low_memory.md.
     state_bits: ``8`` stores both averages of each leaf of ``min_8bit_size`` elements or
       more as 8-bit logarithmic codes with a float32 scale per block of up to 256
       elements of the last axis (about 2 bytes per parameter); ``None`` (the default)

@@ -179,9 +179,10 @@ def lift_weight(rho: Any) -> jax.Array:
   Each rounding adds noise of variance Var to the stored E[g²]; the running average keeps
   it, ρᵏ-weighted, so the E[g²] a step uses carries Σₖ ρ²ᵏ·Var = ρ²/(1 − ρ²)·Var of it,
   and 1/(E[g²] + ε), convex, is on average higher by that over (E + ε)³ (to second order):
-  every step and E[Δx²] would run long. Each rounding's mean raised by w·Var/(E + ε)
-  accumulates to Σₖ ρᵏ·w·Var/(E + ε) = ρ/(1 − ρ)·w·Var/(E + ε), which cancels it when
-  w = ρ/(1 + ρ).
+  every step and E[Δx²] would run long. A mean higher by δ lowers 1/(E[g²] + ε) by
+  δ/(E + ε)²; each rounding's mean raised by w·Var/(E + ε) accumulates to
+  δ = Σₖ ρᵏ·w·Var/(E + ε) = ρ/(1 − ρ)·w·Var/(E + ε), which cancels the convexity's term
+  when w = ρ/(1 + ρ).
   """
   rho = jnp.asarray(rho, jnp.float32)
   return rho / (1.0 + rho)
