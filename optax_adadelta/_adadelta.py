@@ -150,7 +150,7 @@ def scale_by_adadelta(
       min_8bit_size=4096 if min_8bit_size is None else int(min_8bit_size),
       update_quantized_leaves=None
       if hyper is None
-      else _native_8bit.updater(hyper, update_leaf, rounding, rho, eps),
+      else _native_8bit.updater(hyper, update_leaf, rounding),
     )
   hyper = _native_hyper(rho, eps, update_rule, implementation)
   if packed_state:

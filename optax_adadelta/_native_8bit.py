@@ -38,10 +38,11 @@ def supports(g: jax.Array) -> bool:
 
 
 def updater(
-  hyper: _native.Hyper, update_leaf: Callable[..., tuple], stochastic: bool, rho: Any, eps: Any
+  hyper: _native.Hyper, update_leaf: Callable[..., tuple], stochastic: bool
 ) -> Callable[[list[_low_memory.QuantizedLeaf]], list]:
   """A function from 8-bit leaves to :func:`_low_memory.update_quantized` of each: the
   float32 and bfloat16 ones by the kernel, up to 256 leaves per call, the rest by XLA."""
+  rho, _, eps = hyper
   pure = functools.partial(
     update_leaf_flat, update_leaf=update_leaf, stochastic=stochastic, rho=rho, eps=eps
   )
