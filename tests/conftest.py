@@ -20,11 +20,29 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
-def pytest_collection_modifyitems(config, items):
-  """Tests marked `accelerator` skip, with the reason, when jax has only CPU devices."""
-  import jax
-  import pytest
+def pytest_addoption(parser):
+  parser.addoption(
+    "--run-slow",
+    action="store_true",
+    help="also run the tests marked slow (or set OPTAX_ADADELTA_SLOW=1)",
+  )
 
+
+def _run_slow(config) -> bool:
+  return bool(config.getoption("--run-slow") or os.environ.get("OPTAX_ADADELTA_SLOW"))
+
+
+def pytest_collection_modifyitems(config, items):
+  """`slow` tests skip unless asked for; `accelerator` tests skip on CPU-only machines."""
+  import jax
+
+  if not _run_slow(config):
+    skip_slow = pytest.mark.skip(
+      reason="slow: run with `python -m pytest --run-slow` (or OPTAX_ADADELTA_SLOW=1)"
+    )
+    for item in items:
+      if "slow" in item.keywords:
+        item.add_marker(skip_slow)
   backend = jax.default_backend()
   if backend not in ("gpu", "tpu"):
     skip = pytest.mark.skip(reason=f"needs a GPU or TPU; jax.default_backend() is {backend!r}")
