@@ -1,5 +1,6 @@
 """`python -m optax_adadelta` trains, reports, plots, and fails clearly on bad input."""
 
+import re
 import subprocess
 import sys
 
@@ -99,3 +100,41 @@ def test_importing_the_package_loads_neither_the_demo_nor_its_extras():
   )
   result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert result.stdout.strip() == "[]"
+
+
+def _option_help(capsys, monkeypatch) -> dict[str, str]:
+  """`--help`'s text for each option, keyed by the option, on one wide terminal."""
+  monkeypatch.setenv("COLUMNS", "200")
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--help"])
+  options = capsys.readouterr().out.split("options:\n", 1)[1]
+  entries: dict[str, str] = {}
+  for line in options.splitlines():
+    if line.startswith("  -"):  # a new option; its help may follow on the same line
+      invocation, _, text = line.strip().partition("  ")
+      key = re.findall(r"--[\w-]+", invocation)[0]
+      entries[key] = text.strip()
+    elif line.strip():
+      entries[key] = f"{entries[key]} {line.strip()}".strip()
+  return entries
+
+
+def test_help_describes_every_option_and_says_each_default_once(capsys, monkeypatch):
+  entries = _option_help(capsys, monkeypatch)
+  assert set(entries) == {
+    "--help", "--data", "--epochs", "--lr", "--adadelta-lr", "--rho", "--eps", "--batch-size",
+    "--activation", "--optimizers", "--seed", "--plot", "--no-progress",
+  }  # fmt: skip
+  undescribed = [option for option, text in entries.items() if not text]
+  assert not undescribed
+  assert all(text.count("default") <= 1 for text in entries.values()), entries
+  assert not [option for option, text in entries.items() if "None" in text], entries
+  assert "20" in entries["--epochs"] and "6" in entries["--epochs"]
+  assert "(default: 100)" in entries["--batch-size"]
+  assert "(default: tanh)" in entries["--activation"]
+  assert "(default: 0)" in entries["--seed"]
+
+
+def test_help_of_plot_names_both_panels_that_plot_draws(capsys, monkeypatch):
+  text = _option_help(capsys, monkeypatch)["--plot"]
+  assert "training loss" in text and "test error" in text

@@ -1,7 +1,7 @@
 """Adadelta against SGD, momentum and Adagrad on the paper's MNIST network, from the shell.
 
   python -m optax_adadelta                      # the embedded 8x8 digits, well under a minute
-  python -m optax_adadelta --data DIR --epochs 6 --plot mnist.png   # MNIST, as in the paper
+  python -m optax_adadelta --data DIR --epochs 6 --plot /tmp/mnist.png  # MNIST, as in the paper
 
 Adadelta runs with the paper's η = 1, ρ = 0.95, ε = 1e-6; the others at `--lr`. Progress bars
 need tqdm and `--plot` needs matplotlib: `pip install "optax-adadelta[demo]"`.
@@ -44,29 +44,68 @@ def _positive(kind: type) -> Callable[[str], float]:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  # Each help says its default once, in its own words (ArgumentDefaultsHelpFormatter would
+  # add "(default: None)" to the options whose default depends on the data).
   parser = argparse.ArgumentParser(
-    prog="optax-adadelta",
-    description=(__doc__ or "").splitlines()[0],
-    formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    prog="optax-adadelta", description=(__doc__ or "").splitlines()[0]
   )
   parser.add_argument(
     "--data",
     type=Path,
-    help="folder with MNIST (IDX files, gzipped or not, or npz); default: embedded 8x8 digits",
+    metavar="DIR",
+    help="folder with MNIST (IDX files, gzipped or not, or npz) "
+    "(default: the 8x8 digits embedded in the package)",
   )
-  parser.add_argument("--epochs", type=_positive(int), help="default: 20 (digits) or 6 (MNIST)")
-  parser.add_argument("--lr", type=_positive(float), default=0.1, help="for SGD/momentum/Adagrad")
-  parser.add_argument("--adadelta-lr", type=_positive(float), default=1.0, help="Adadelta's η")
-  parser.add_argument("--rho", type=float, default=0.95, help="Adadelta's ρ")
-  parser.add_argument("--eps", type=float, default=1e-6, help="Adadelta's ε")
-  parser.add_argument("--batch-size", type=_positive(int), default=100)
-  parser.add_argument("--activation", choices=sorted(mlp.ACTIVATIONS), default="tanh")
   parser.add_argument(
-    "--optimizers", default=",".join(OPTIMIZERS), help=f"comma-separated, from {list(OPTIMIZERS)}"
+    "--epochs",
+    type=_positive(int),
+    help="passes over the training set (default: 20 on the embedded digits, 6 on MNIST)",
   )
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--plot", type=Path, help="write test error per epoch to this PNG")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  parser.add_argument(
+    "--lr",
+    type=_positive(float),
+    default=0.1,
+    help="learning rate of SGD, momentum and Adagrad (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--adadelta-lr", type=_positive(float), default=1.0, help="Adadelta's η (default: %(default)s)"
+  )
+  parser.add_argument("--rho", type=float, default=0.95, help="Adadelta's ρ (default: %(default)s)")
+  parser.add_argument("--eps", type=float, default=1e-6, help="Adadelta's ε (default: %(default)s)")
+  parser.add_argument(
+    "--batch-size",
+    type=_positive(int),
+    default=100,
+    help="training examples per step (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--activation",
+    choices=sorted(mlp.ACTIVATIONS),
+    default="tanh",
+    help="the hidden layers' nonlinearity (default: %(default)s)",
+  )
+  parser.add_argument(
+    "--optimizers",
+    default=",".join(OPTIMIZERS),
+    help=f"comma-separated names from {', '.join(OPTIMIZERS)} (default: all {len(OPTIMIZERS)})",
+  )
+  parser.add_argument(
+    "--seed",
+    type=int,
+    default=0,
+    help="seeds the initial weights and the batch order, the same for every optimizer "
+    "(default: %(default)s)",
+  )
+  parser.add_argument(
+    "--plot",
+    type=Path,
+    metavar="PNG",
+    help="write a PNG of the training loss and the test error per epoch of each optimizer "
+    "(default: no plot)",
+  )
+  parser.add_argument(
+    "--no-progress", action="store_true", help="no progress bars (they need tqdm)"
+  )
   args = parser.parse_args(argv)
   names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
   unknown = [name for name in names if name not in OPTIMIZERS]
