@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import jax
@@ -177,6 +178,60 @@ def flatten_gradients(updates: Any):
   paths = [path for path, _ in with_paths]
   leaves = [leaf for _, leaf in with_paths]
   return paths, leaves, treedef
+
+
+# Keys of nodes that name no parameter: an attribute (flax nnx's Variable and linen's
+# Partitioned hold their array as `.value`) or an unnamed child of a custom node.
+_WRAPPER_KEYS = (jax.tree_util.GetAttrKey, jax.tree_util.FlattenedIndexKey)
+
+
+def leaf_names(paths) -> tuple[str, ...]:
+  """Each leaf's key path as a string, without the keys of wrappers around that one array.
+
+  Frameworks box a parameter in a node of its own and unbox it between init and update:
+  nnx.Optimizer inits on a state of nnx.Param Variables (``['bias'].value``) and updates with
+  plain arrays (``['bias']``). The boxes are not part of what a leaf is, so a trailing
+  attribute or unnamed key whose node holds only this leaf is dropped, as often as it
+  recurs. Named keys (a dict's, a list's index) and nodes holding several leaves stay.
+  """
+  paths = [tuple(path) for path in paths]
+  leaves_under = Counter(path[:depth] for path in paths for depth in range(len(path)))
+  names = []
+  for path in paths:
+    end = len(path)
+    while end and isinstance(path[end - 1], _WRAPPER_KEYS) and leaves_under[path[: end - 1]] == 1:
+      end -= 1
+    names.append(jax.tree_util.keystr(path[:end]))
+  return tuple(names)
+
+
+def check_leaf_names(built: tuple[str, ...], paths, treedef, what: str) -> None:
+  """Raises unless the gradients' leaves are those, in that order, that built `what`.
+
+  Compares :func:`leaf_names`, so boxes added or stripped between init and update pass, and
+  a renamed, missing, extra or reordered leaf fails, naming the first difference.
+  """
+  got = leaf_names(paths)
+  if got == built:
+    return
+  first = next(
+    (i for i, (a, b) in enumerate(zip(got, built, strict=False)) if a != b),
+    min(len(got), len(built)),
+  )
+  name = lambda names: (names[first] or "the root") if first < len(names) else "(no more leaves)"
+  raise ValueError(
+    f"The gradients do not have the structure of the parameters that built the {what}: the "
+    f"first difference is leaf {first}, {name(got)} in the gradients but {name(built)} in the "
+    f"state.\n  gradients: {treedef}\n  state:     {_list_names(built)}\n"
+    "(Boxes around one array, such as nnx.Param or nn.Partitioned, are ignored.) Pass "
+    "gradients shaped like the parameters given to init, or call init again."
+  )
+
+
+def _list_names(names: tuple[str, ...], most: int = 12) -> str:
+  shown = ", ".join(name or "the root" for name in names[:most])
+  more = f", ... ({len(names)} leaves)" if len(names) > most else ""
+  return f"leaves {shown}{more}" if names else "no leaves"
 
 
 def check_gradients(updates: Any, state: Any) -> None:

@@ -9,10 +9,16 @@ like the parameter: packing them would only copy megabytes each step. Each step 
 the small gradients, updates every coordinate as the per-leaf state does, and cuts Δx back
 into the gradients' shapes.
 
-The layout (tree structure, shapes, dtype, threshold) is stored in the state, so gradients of
-any other structure, shape or dtype are refused, naming the first difference. What the packed
-state gives up: it does not take the small parameters' shardings, and `interop` does not
-convert it. All leaves must be real and of one floating dtype.
+The layout (the leaves' key paths, shapes, dtype, threshold) is stored in the state, so
+gradients of any other structure, shape or dtype are refused, naming the first difference.
+The paths leave out the boxes frameworks put around one array and take off again between
+init and update (nnx.Optimizer inits on nnx.Param Variables, then updates with plain arrays),
+as the per-leaf state, which is shaped like the gradients, does.
+
+What the packed state gives up: it does not take the small parameters' shardings (the flat
+arrays are replicated; under Explicit mesh axes each small gradient is gathered into them and
+its step sliced back to the gradient's sharding), and `interop` does not convert it. All
+leaves must be real and of one floating dtype.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from optax_adadelta import _checks, _native
 
@@ -37,13 +45,14 @@ class PackedLayout:
   """What a :class:`PackedAdadeltaState` was built for (static: not an array, not saved).
 
   Attributes:
-    treedef: structure of the parameter tree.
+    leaf_names: each leaf's key path, in ``jax.tree.leaves`` order, without the keys of
+      boxes around one array (``['bias']`` for nnx's ``['bias'].value``).
     shapes: shape of each leaf, in ``jax.tree.leaves`` order.
     dtype: the leaves' dtype.
     packed_below: leaves with fewer elements than this are packed.
   """
 
-  treedef: Any
+  leaf_names: tuple[str, ...]
   shapes: tuple[tuple[int, ...], ...]
   dtype: str
   packed_below: int
@@ -115,10 +124,10 @@ def scale_by_adadelta_packed(
   """
 
   def init_fn(params):
-    paths, leaves, treedef = _real_leaves("parameters", params)
+    paths, leaves, _ = _real_leaves("parameters", params)
     dtype = _checks.state_dtype(paths[0], leaves[0], accumulator_dtype) if leaves else jnp.float32
     layout = PackedLayout(
-      treedef=treedef,
+      leaf_names=_checks.leaf_names(paths),
       shapes=tuple(tuple(leaf.shape) for leaf in leaves),
       dtype=str(leaves[0].dtype) if leaves else "float32",
       packed_below=PACKED_BELOW,
@@ -143,7 +152,9 @@ def scale_by_adadelta_packed(
       )
     paths, grads, treedef = _real_leaves("gradients", updates)
     check_layout(state.layout, paths, grads, treedef)
-    small = [g.ravel() for g, packed in zip(grads, state.layout.packed, strict=True) if packed]
+    small = [
+      _replicated(g).ravel() for g, packed in zip(grads, state.layout.packed, strict=True) if packed
+    ]
     large = [g for g, packed in zip(grads, state.layout.packed, strict=True) if not packed]
     flat = jnp.concatenate(small) if small else jnp.zeros((0,), state.layout.dtype)
     arrays = (
@@ -159,7 +170,7 @@ def scale_by_adadelta_packed(
     pieces = iter(jnp.split(flat_step, np.cumsum([s.size for s in small])[:-1]) if small else [])
     large_iter = iter(large_results)
     steps = [
-      next(pieces).reshape(g.shape) if packed else next(large_iter)[0]
+      _sharded_like(g, next(pieces).reshape(g.shape)) if packed else next(large_iter)[0]
       for g, packed in zip(grads, state.layout.packed, strict=True)
     ]
     new_state = PackedAdadeltaState(
@@ -175,21 +186,8 @@ def scale_by_adadelta_packed(
 
 
 def check_layout(layout: PackedLayout, paths, grads, treedef) -> None:
-  """Raises unless the gradients have the structure, shapes and dtype the state was built for."""
-  if treedef != layout.treedef:
-    built = [jax.tree_util.keystr(p) for p, _ in _paths_of(layout.treedef)]
-    got = [jax.tree_util.keystr(p) for p in paths]
-    first = next(
-      (i for i, (a, b) in enumerate(zip(built, got, strict=False)) if a != b),
-      min(len(built), len(got)),
-    )
-    where = lambda names: names[first] if first < len(names) else "(no more leaves)"
-    raise ValueError(
-      "The gradients do not have the structure of the parameters that built the packed "
-      f"state: the first difference is leaf {first}, {where(got)} in the gradients but "
-      f"{where(built)} in the state.\n  gradients: {treedef}\n  state:     {layout.treedef}\n"
-      "Pass gradients shaped like the parameters given to init, or call init again."
-    )
+  """Raises unless the gradients have the leaves, shapes and dtype the state was built for."""
+  _checks.check_leaf_names(layout.leaf_names, paths, treedef, "packed state")
   for path, g, shape in zip(paths, grads, layout.shapes, strict=True):
     if tuple(g.shape) != shape or str(g.dtype) != layout.dtype:
       raise ValueError(
@@ -199,6 +197,22 @@ def check_layout(layout: PackedLayout, paths, grads, treedef) -> None:
       )
 
 
-def _paths_of(treedef) -> list:
-  dummy = treedef.unflatten([0] * treedef.num_leaves)
-  return jax.tree_util.tree_flatten_with_path(dummy)[0]
+def _explicit_sharding(x: jax.Array) -> NamedSharding | None:
+  """The sharding in `x`'s type when it names mesh axes (Explicit axes), else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if isinstance(sharding, NamedSharding) and any(entry is not None for entry in sharding.spec):
+    return sharding
+  return None
+
+
+def _replicated(g: jax.Array) -> jax.Array:
+  """`g` replicated, so that it can join the flat array: under Explicit axes the operands
+  of a concatenation must share one sharding, and a split leaf's ravel may have none."""
+  sharding = _explicit_sharding(g)
+  return g if sharding is None else jax.sharding.reshard(g, NamedSharding(sharding.mesh, P()))
+
+
+def _sharded_like(g: jax.Array, step: jax.Array) -> jax.Array:
+  """A (replicated) step laid out as its gradient: each device keeps its slice, no gather."""
+  sharding = _explicit_sharding(g)
+  return step if sharding is None else jax.sharding.reshard(step, sharding)

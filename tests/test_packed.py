@@ -11,6 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
+from flax import nnx
+from flax.training import train_state
 
 import optax_adadelta
 from optax_adadelta import checkpoint
@@ -200,12 +203,124 @@ def test_update_refuses_gradients_unlike_the_parameters_naming_the_first_differe
     tx.update(grads, state)
 
 
+def _quickstart_tx(packed_state):
+  """The README quickstart's optimizer."""
+  return optax.chain(
+    optax.clip_by_global_norm(1.0), optax_adadelta.adadelta(packed_state=packed_state)
+  )
+
+
+_X = np.random.default_rng(5).normal(size=(64, 8)).astype(np.float32)
+_Y = _X.sum(axis=1, keepdims=True)
+
+
+def _nnx_loop(packed_state, steps):
+  """The README quickstart's loop (nnx.Optimizer, wrt=nnx.Param) on a two-layer network."""
+  model = nnx.Sequential(
+    nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 1, rngs=nnx.Rngs(1))
+  )
+  optimizer = nnx.Optimizer(model, _quickstart_tx(packed_state), wrt=nnx.Param)
+
+  @nnx.jit
+  def train_step(model, optimizer, x, y):
+    loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [train_step(model, optimizer, _X, _Y) for _ in range(steps)]
+  return losses, nnx.state(model, nnx.Param), optimizer.opt_state
+
+
+class _MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return nn.Dense(1)(nn.relu(nn.Dense(16)(x)))
+
+
+def _linen_loop(packed_state, steps):
+  """A linen TrainState loop: init on the params of model.init, apply_gradients each step."""
+  model = _MLP()
+  state = train_state.TrainState.create(
+    apply_fn=model.apply,
+    params=model.init(jax.random.key(0), _X)["params"],
+    tx=_quickstart_tx(packed_state),
+  )
+
+  @jax.jit
+  def train_step(state):
+    loss_fn = lambda p: jnp.mean((state.apply_fn({"params": p}, _X) - _Y) ** 2)
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+  losses = []
+  for _ in range(steps):
+    state, loss = train_step(state)
+    losses.append(loss)
+  return losses, state.params, state.opt_state
+
+
+@pytest.mark.parametrize(
+  "loop", [_nnx_loop, _linen_loop], ids=["nnx_optimizer", "linen_trainstate"]
+)
+def test_flax_loops_with_the_packed_state_equal_the_per_leaf_state(loop):
+  """nnx.Optimizer inits on nnx.Param Variables and updates with plain arrays: the packed
+  state, which recorded the Variables, refused every step. Both loops now take the per-leaf
+  state's steps exactly (400 steps measured: max difference 0 in loss and weights)."""
+  losses, params, opt_state = loop(True, steps=40)
+  want_losses, want_params, _ = loop(False, steps=40)
+  is_packed = lambda node: isinstance(node, optax_adadelta.PackedAdadeltaState)
+  assert any(is_packed(n) for n in jax.tree.leaves(opt_state, is_leaf=is_packed))
+  np.testing.assert_array_equal(np.asarray(losses), np.asarray(want_losses))
+  assert float(losses[-1]) < 0.5 * float(losses[0])  # and the loop trains
+  for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(want_params), strict=True):
+    np.testing.assert_array_equal(got, want)
+
+
+def _boxed(tree, box):
+  """`tree` with each array in a box a framework adds: nnx.Param, linen's nn.Partitioned."""
+  if box == "nnx_param":
+    return nnx.State({k: nnx.Param(v) for k, v in tree.items()})
+  return {k: nn.Partitioned(v, names=(None,) * v.ndim) for k, v in tree.items()}
+
+
+@pytest.mark.parametrize("box", ["nnx_param", "linen_partitioned"])
+@pytest.mark.parametrize("boxed_at", ["init", "update"])
+def test_boxes_added_or_stripped_between_init_and_update_do_not_change_the_steps(box, boxed_at):
+  rng = np.random.default_rng(6)
+  params = {"w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32), "b": jnp.zeros(3)}
+  grads = {k: jnp.asarray(rng.normal(size=v.shape), jnp.float32) for k, v in params.items()}
+  tx = optax_adadelta.adadelta(packed_state=True)
+  want, _ = tx.update(grads, tx.init(params))
+  init_on, grads_as = (
+    (_boxed(params, box), grads) if boxed_at == "init" else (params, _boxed(grads, box))
+  )
+  state = tx.init(init_on)
+  assert state[1].layout == tx.init(params)[1].layout  # the state does not record the boxes
+  got, _ = jax.jit(tx.update)(grads_as, state)
+  assert jax.tree.structure(got) == jax.tree.structure(grads_as)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_boxed_gradients_of_other_parameters_are_refused_naming_both_structures():
+  tx = optax_adadelta.adadelta(packed_state=True)
+  state = tx.init(nnx.State({"bias": nnx.Param(jnp.ones(3)), "kernel": nnx.Param(jnp.ones(3))}))
+  grads = nnx.State({"bias": jnp.ones(3), "scale": jnp.ones(3)})
+  message = (
+    r"first difference is leaf 1, \['scale'\] in the gradients but \['kernel'\] in the state"
+    r"\.\n  gradients: PyTreeDef\(CustomNode\(State.*\n  state:     leaves \['bias'\], \['kernel'\]"
+  )
+  with pytest.raises(ValueError, match=message):
+    tx.update(grads, state)
+
+
 def test_update_refuses_a_per_leaf_state_and_the_layout_is_stored_in_the_state():
   tx = optax_adadelta.adadelta(packed_state=True)
   per_leaf = optax_adadelta.adadelta().init({"a": jnp.ones(3)})
   with pytest.raises(TypeError, match=r"expects a PackedAdadeltaState, got ScaleByAdadeltaState"):
     tx.update({"a": jnp.ones(3)}, per_leaf)
   layout = tx.init({"a": jnp.ones(3), "big": jnp.ones((512, 513))})[1].layout
+  assert layout.leaf_names == ("['a']", "['big']")
   assert layout.shapes == ((3,), (512, 513)) and layout.dtype == "float32"
   assert layout.packed_below == 2**18 and layout.packed == (True, False)
 

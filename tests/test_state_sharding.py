@@ -181,3 +181,51 @@ def test_jitted_update_donates_every_state_buffer():
     jax.tree.leaves((updates, new_state)), jax.tree.leaves((expected, expected_state)), strict=True
   ):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+PACKED_SPECS = {  # small leaves split every way (rows, columns, both, not at all), one large leaf
+  "w": ((8, 6), P("data", "model")),
+  "w_columns": ((8, 6), P(None, "model")),
+  "b": ((8,), P("data")),
+  "r": ((5,), P()),
+  "big": ((8 * 32_800,), P("data")),  # above the 2**18 elements that are packed
+}
+
+
+@needs_eight_devices
+@pytest.mark.parametrize("jitted", [True, False], ids=["jit", "eager"])
+@pytest.mark.parametrize("axis_type", AXIS_TYPES, ids=str)
+def test_packed_state_of_sharded_parameters_takes_the_per_leaf_steps(axis_type, jitted):
+  """Under Explicit axes the small gradients, each sharded its own way, could not be
+  concatenated (ShardingTypeError); the packed part is replicated and each step sliced back
+  to its gradient's sharding. The numbers are the per-leaf state's, bit for bit."""
+  mesh = _mesh(axis_type)
+  rng = np.random.default_rng(7)
+  shardings = {k: NamedSharding(mesh, spec) for k, (_, spec) in PACKED_SPECS.items()}
+  params = {
+    k: jax.device_put(rng.normal(size=shape).astype(np.float32), shardings[k])
+    for k, (shape, _) in PACKED_SPECS.items()
+  }
+  grads = [jax.tree.map(lambda p: p * rng.normal(), params) for _ in range(3)]
+  trajectories, states = {}, {}
+  with jax.set_mesh(mesh):
+    for packed_state in (True, False):
+      tx = optax_adadelta.adadelta(weight_decay=1e-3, packed_state=packed_state)
+      update = jax.jit(tx.update) if jitted else tx.update
+      p, opt_state = params, (jax.jit(tx.init) if jitted else tx.init)(params)
+      trajectory = []
+      for g in grads:
+        updates, opt_state = update(g, opt_state, p)
+        p = optax.apply_updates(p, updates)
+        trajectory.append((updates, p))
+      trajectories[packed_state], states[packed_state] = trajectory, opt_state
+  for (updates, p), (want_updates, want_p) in zip(*trajectories.values(), strict=True):
+    for tree, want in ((updates, want_updates), (p, want_p)):
+      for name, leaf in tree.items():
+        np.testing.assert_array_equal(leaf, want[name], err_msg=name)
+        if axis_type == AxisType.Explicit:  # under Auto axes XLA lays out a jitted result
+          assert leaf.sharding.is_equivalent_to(shardings[name], leaf.ndim), name
+  packed = states[True][1]
+  assert isinstance(packed, optax_adadelta.PackedAdadeltaState)
+  assert packed.e_g2_large[0].sharding.is_equivalent_to(shardings["big"], 1)
+  assert packed.e_g2_packed.sharding.is_fully_replicated
