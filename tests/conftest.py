@@ -1,6 +1,13 @@
-"""Test setup: 8 virtual CPU devices (before jax is imported) and hypothesis profiles."""
+"""Test setup: 8 virtual CPU devices (before jax is imported), hypothesis profiles, tiers.
+
+The default run skips the `slow` tests (--run-slow or OPTAX_ADADELTA_SLOW=1 runs them). CI runs
+the README's command in a fresh environment, recording what ran (OPTAX_ADADELTA_RECORD_RAN), then
+the rest with every peer installed (OPTAX_ADADELTA_DESELECT, OPTAX_ADADELTA_REQUIRE_PEERS).
+"""
 
 import os
+import re
+from pathlib import Path
 
 os.environ["XLA_FLAGS"] = " ".join(
   [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
@@ -36,6 +43,11 @@ def pytest_collection_modifyitems(config, items):
   """`slow` tests skip unless asked for; `accelerator` tests skip on CPU-only machines."""
   import jax
 
+  if already_ran := os.environ.get("OPTAX_ADADELTA_DESELECT"):
+    # CI: the tests the README's command already ran (their ids, exactly) are not run again.
+    ran = set(Path(already_ran).read_text().splitlines())
+    config.hook.pytest_deselected(items=[item for item in items if item.nodeid in ran])
+    items[:] = [item for item in items if item.nodeid not in ran]
   if not _run_slow(config):
     skip_slow = pytest.mark.skip(
       reason="slow: run with `python -m pytest --run-slow` (or OPTAX_ADADELTA_SLOW=1)"
@@ -51,9 +63,37 @@ def pytest_collection_modifyitems(config, items):
         item.add_marker(skip)
 
 
+_RAN: list[str] = []
+# importorskip's reason when a peer library is missing (parity.live_peer raises by itself).
+_MISSING_PEER = re.compile(r"could not import '(torch|keras|tensorflow)\b")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+  """Under OPTAX_ADADELTA_REQUIRE_PEERS=1 (CI), a test skipped for a missing peer fails."""
+  report = yield
+  if report.skipped and os.environ.get("OPTAX_ADADELTA_REQUIRE_PEERS"):
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    if _MISSING_PEER.search(reason):
+      report.outcome = "failed"
+      report.longrepr = f"{reason} (OPTAX_ADADELTA_REQUIRE_PEERS=1: every peer must be installed)"
+  return report
+
+
+def pytest_runtest_logreport(report):
+  """Notes the tests that ran (passed, or failed as expected) for OPTAX_ADADELTA_RECORD_RAN."""
+  if report.when == "call" and (report.passed or hasattr(report, "wasxfail")):
+    _RAN.append(report.nodeid)
+
+
+def pytest_sessionfinish(session):
+  if record := os.environ.get("OPTAX_ADADELTA_RECORD_RAN"):
+    # CI runs the README's test command with this set, then only the rest (OPTAX_ADADELTA_DESELECT).
+    Path(record).write_text("".join(f"{nodeid}\n" for nodeid in _RAN))
+
+
 def _load_example(name: str):
   import importlib.util
-  from pathlib import Path
 
   path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
   spec = importlib.util.spec_from_file_location(f"{name}_example", path)

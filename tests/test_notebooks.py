@@ -1,9 +1,8 @@
 """Every notebook runs top to bottom in fast mode (OPTAX_ADADELTA_FAST=1).
 
-A few minutes on 2 CPU cores, so it runs only when OPTAX_ADADELTA_NOTEBOOKS=1 (CI sets it).
+A few minutes on 2 CPU cores, so these are `slow`: `python -m pytest --run-slow` (CI runs them).
 """
 
-import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,7 @@ def test_the_four_notebooks_are_there():
   assert names == {"quickstart", "paper_reproduction", "multi_device", "d2l_airfoil"}
 
 
-@pytest.mark.skipif(
-  os.environ.get("OPTAX_ADADELTA_NOTEBOOKS") != "1", reason="set OPTAX_ADADELTA_NOTEBOOKS=1"
-)
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_notebook_runs_top_to_bottom_in_fast_mode(path, monkeypatch):
   nbformat = pytest.importorskip("nbformat")
