@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -85,6 +86,33 @@ class PackedAdadeltaState:
   e_g2_large: tuple[jax.Array, ...]
   e_dx2_large: tuple[jax.Array, ...]
   layout: PackedLayout
+
+
+def _layout_to_bytes(aux: tuple[PackedLayout]) -> bytes:
+  (layout,) = aux
+  return json.dumps(dataclasses.asdict(layout)).encode()
+
+
+def _layout_from_bytes(data: bytes) -> tuple[PackedLayout]:
+  fields = json.loads(data)
+  return (
+    PackedLayout(
+      leaf_names=tuple(fields["leaf_names"]),
+      shapes=tuple(tuple(shape) for shape in fields["shapes"]),
+      dtype=fields["dtype"],
+      packed_below=fields["packed_below"],
+    ),
+  )
+
+
+# So that a `jax.export`-ed step taking this state can be serialized; the layout is its
+# static part, written as JSON.
+jax.export.register_pytree_node_serialization(
+  PackedAdadeltaState,
+  serialized_name="optax_adadelta.PackedAdadeltaState",
+  serialize_auxdata=_layout_to_bytes,
+  deserialize_auxdata=_layout_from_bytes,
+)
 
 
 def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array], Any]:

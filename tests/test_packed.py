@@ -203,6 +203,28 @@ def test_update_refuses_gradients_unlike_the_parameters_naming_the_first_differe
     tx.update(grads, state)
 
 
+def test_exported_step_serializes_and_resumes_the_same_trajectory():
+  """jax.export could not serialize a step taking the packed state (an unregistered node)."""
+  rng = np.random.default_rng(8)
+  params = {"w": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), "b": jnp.zeros(5)}
+  grads = [jax.tree.map(lambda p: p + rng.normal(), params) for _ in range(3)]
+  # scale_by_adadelta: no optax.EmptyState to register; "jax": what an exported step runs
+  tx = optax_adadelta.scale_by_adadelta(packed_state=True, implementation="jax")
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return jax.tree.map(jnp.subtract, params, updates), state
+
+  exported = jax.export.export(jax.jit(step))(params, tx.init(params), grads[0])
+  restored = jax.export.deserialize(exported.serialize())
+  got = want = (params, tx.init(params))
+  for g in grads:
+    got, want = restored.call(*got, g), jax.jit(step)(*want, g)
+  assert got[1].layout == tx.init(params).layout
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
 def _quickstart_tx(packed_state):
   """The README quickstart's optimizer."""
   return optax.chain(
