@@ -49,10 +49,12 @@ def run(
   decay_mask: Sequence[bool] | None = None,
   decoupled: bool = False,
   maximize: bool = False,
+  keep_steps: bool = True,
 ) -> ReferenceRun:
   """Runs Adadelta on each step's gradients (a list, or a function of (params, t)).
 
   learning_rate and weight_decay are numbers or functions of the step t = 0, 1, ...
+  keep_steps=False leaves `steps` empty (long runs: it would hold every step).
   """
   x = [as_real(p) for p in params]
   e_g2 = [np.zeros_like(p) for p in x]
@@ -81,5 +83,6 @@ def run(
         step = step - eta * lam * x[i]
       taken.append(step)
       x[i] = x[i] + step
-    result.steps.append(taken)
+    if keep_steps:
+      result.steps.append(taken)
   return result

@@ -1,0 +1,93 @@
+"""The long-run table of #22: every state format × (ρ, ε) against float64 Adadelta.
+
+    python -m benchmarks.long_horizon                    # 10,000 steps, (4, 256): the tests' run
+    python -m benchmarks.long_horizon --long --seeds 0,1,2   # the slow profile's runs
+
+The problem and both runs are tests/long_horizon.py's (the one tests/test_long_horizon.py
+asserts on): a noisy quadratic with curvature over three decades, beside two 8-bit blocks
+whose gradients span 10⁵×. For each format and (ρ, ε): the final loss and the largest |step|
+of the quadratic over the last 1,000 steps, and their ratios to float64's; the range over
+the mixed blocks' coordinates of |Δx| (√ of the mean Δx² over the last 1,000 steps) as a
+ratio to float64's. Then float64's own spread over 6 other noise draws, the yardstick for
+the narrow formats. Writes benchmarks/results/long_horizon.md (--out to change).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tests import long_horizon as lh
+
+
+def _spread(problem: lh.Problem, rho: float, eps: float, draws: int = 6) -> tuple[float, float]:
+  """max / min of float64's final loss and largest step over other noise draws."""
+  losses, steps = [], []
+  for draw in range(draws):
+    rng = np.random.default_rng(100 + draw)
+    noise = (lh.NOISE * rng.standard_normal(problem.noise.shape)).astype(np.float32)
+    run = lh.run_float64(dataclasses.replace(problem, noise=noise), rho, eps)
+    losses.append(run.final_loss)
+    steps.append(run.largest_step)
+  return max(losses) / min(losses), max(steps) / min(steps)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--long", action="store_true", help="20,000 steps on an (8, 256) quadratic")
+  parser.add_argument("--seeds", default="0", help="problem seeds, comma separated")
+  parser.add_argument("--out", default="benchmarks/results/long_horizon.md")
+  args = parser.parse_args()
+  size = {"num_steps": 20_000, "rows": 8} if args.long else {"num_steps": 10_000, "rows": 4}
+  lines = [
+    "# Long runs: every state format against float64 (#22)",
+    "",
+    f"`python -m benchmarks.long_horizon{' --long' if args.long else ''} --seeds {args.seeds}`; "
+    f"{size['num_steps']:,} steps, quadratic ({size['rows']}, 256); jax {jax.__version__}, "
+    f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+    "",
+    "| seed | ρ, ε | format | final loss | × float64 | largest step | × float64 "
+    "| mixed-block \\|Δx\\| / float64 | finite |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  spreads = []
+  for seed in (int(s) for s in args.seeds.split(",")):
+    problem = lh.make_problem(seed=seed, **size)
+    for rho, eps in lh.HYPERS:
+      want = lh.run_float64(problem, rho, eps)
+      head = f"| {seed} | {rho}, {eps:g} |"
+      lines.append(
+        f"{head} float64 | {want.final_loss:.4g} | 1 | {want.largest_step:.4g} | 1 | 1 | yes |"
+      )
+      for fmt in lh.FORMATS:
+        got = lh.run_format(problem, rho, eps, fmt)
+        ratio = got.mixed_step_rms / want.mixed_step_rms
+        lines.append(
+          f"{head} {fmt} | {got.final_loss:.4g} | {got.final_loss / want.final_loss:.3g} "
+          f"| {got.largest_step:.4g} | {got.largest_step / want.largest_step:.3g} "
+          f"| {np.nanmin(ratio):.3g} – {np.nanmax(ratio):.3g} | {'yes' if got.finite else 'NO'} |"
+        )
+        print(lines[-1], flush=True)
+      if seed == int(args.seeds.split(",")[0]):
+        spreads.append((rho, eps, *_spread(problem, rho, eps)))
+  lines += [
+    "",
+    "float64's own spread over 6 other noise draws (same curvature and target), max / min:",
+    "",
+    "| ρ, ε | final loss | largest step |",
+    "|---|---|---|",
+    *(f"| {rho}, {eps:g} | {loss:.3g} | {step:.3g} |" for rho, eps, loss, step in spreads),
+  ]
+  Path(args.out).write_text("\n".join(lines) + "\n")
+  print("\n".join(lines[-len(spreads) - 5 :]))
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

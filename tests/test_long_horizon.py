@@ -1,0 +1,122 @@
+"""Every state format over 10,000 noisy steps against float64 Adadelta (#22).
+
+The problem is tests/long_horizon.py's: a quadratic whose curvature spans three decades
+with gradient noise, beside two 8-bit blocks whose gradients span 10⁵×; float64 is
+tests/reference.py on the same gradient sequence. What a user needs, with the bounds:
+
+Final loss and largest |step| over the last 1,000 steps of the quadratic, as a factor of
+float64's. The stiffest coordinates (h ≈ 30) train at Adadelta's edge of stability, in
+bursts whose timing any perturbation moves: float64 itself, given 6 other noise draws
+(`benchmarks/long_horizon.py`), spreads its final loss over up to 1.20× and its largest
+step over up to 1.52×. A narrow state must stay inside that spread (×1.25, ×1.6); the
+float32 states, whose rounding is 2¹⁶ times finer than bfloat16's, within 5 %.
+
+Each coordinate of the mixed blocks: √(mean Δx²) over the last 1,000 steps against
+float64's. With |g| ≫ √ε, E[Δx²] only grows, by (1 − ρ)ε a step, with nothing pulling it
+back, so each rounding's error stays in it. Rounded to nearest (float32) the errors add:
+at most N·2⁻²⁴ of E[Δx²] after N steps, half that in |Δx|; 2·N·2⁻²⁴ allowed. Rounded
+stochastically they are unbiased but their variance adds up: a value growing through
+codes of relative spacing r gathers a relative variance of about r/2 (each crossing of a
+spacing adds its width times the increment), so |Δx| has a relative sd of ½·√(r/2):
+1.6 % for bfloat16 (r = 2⁻⁷), 9.2 % for 8-bit (r = 2^(24/254) − 1 = 6.8 %); 5 sd allowed.
+
+Long profile (`--run-slow`): twice the steps, a 2× larger quadratic, three seeds (the noise
+is drawn in advance: 20,000 × 2,048 float32, 160 MB).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from tests import long_horizon as lh
+
+FLOAT_FORMATS = {"float32", "float32_jax", "packed"}
+LOSS_FACTOR = {"bf16_sr": 1.25, "8bit": 1.25} | dict.fromkeys(FLOAT_FORMATS, 1.05)
+STEP_FACTOR = {"bf16_sr": 1.6, "8bit": 1.6} | dict.fromkeys(FLOAT_FORMATS, 1.05)
+RELATIVE_SPACING = {"bf16_sr": 2.0**-7, "8bit": 2.0 ** (24 / 254) - 1}
+
+EIGHT_BIT = "#22 items 1-2, being fixed"
+BF16_EDGE = (
+  "#22 new: bfloat16 + SR at rho 0.9 and 0.95 puts the stiffest coordinates (h ~ 30) into "
+  "larger edge-of-stability bursts than float64's seed spread (largest step 2-15x)"
+)
+KNOWN = {  # (test, format, (rho, eps)) -> reason; the 8-bit state diverges on all of them
+  **{(test, "8bit", h): EIGHT_BIT for test in ("finite", "quadratic", "mixed") for h in lh.HYPERS},
+  ("quadratic", "bf16_sr", (0.9, 1e-6)): BF16_EDGE,
+  ("quadratic", "bf16_sr", (0.95, 1e-6)): BF16_EDGE,
+}
+# NaN at 58e68af; finite with helper A's work in progress on the 8-bit modules.
+NOT_STRICT = {("finite", "8bit")}
+PROFILES = {"default": {"num_steps": 10_000, "rows": 4}, "long": {"num_steps": 20_000, "rows": 8}}
+SEEDS = {"default": (0,), "long": (0, 1, 2)}
+
+
+def _cases(test):
+  for profile, seeds in SEEDS.items():
+    for seed in seeds:
+      for hyper in lh.HYPERS:
+        for fmt in lh.FORMATS:
+          marks = [pytest.mark.slow] if profile == "long" else []
+          reason = KNOWN.get((test, fmt, hyper))
+          if reason:  # other seeds of the long profile may land inside the spread
+            strict = profile == "default" and (test, fmt) not in NOT_STRICT
+            marks.append(pytest.mark.xfail(strict=strict, reason=reason))
+          case_id = f"{profile}-seed{seed}-rho{hyper[0]}-eps{hyper[1]:g}-{fmt}"
+          yield pytest.param(profile, seed, hyper, fmt, marks=marks, id=case_id)
+
+
+@functools.lru_cache(maxsize=1)  # the long profile's noise is 160 MB a seed
+def _problem(profile, seed):
+  return lh.make_problem(seed=seed, **PROFILES[profile])
+
+
+@functools.cache
+def _float64(profile, seed, hyper):
+  return lh.run_float64(_problem(profile, seed), *hyper)
+
+
+@functools.cache
+def _run(profile, seed, hyper, fmt):
+  return lh.run_format(_problem(profile, seed), *hyper, fmt)
+
+
+@pytest.mark.parametrize(("profile", "seed", "hyper", "fmt"), list(_cases("finite")))
+def test_parameters_updates_and_state_stay_finite(profile, seed, hyper, fmt):
+  assert _float64(profile, seed, hyper).finite
+  assert _run(profile, seed, hyper, fmt).finite
+
+
+@pytest.mark.parametrize(("profile", "seed", "hyper", "fmt"), list(_cases("quadratic")))
+def test_final_loss_and_largest_step_are_within_a_factor_of_float64s(profile, seed, hyper, fmt):
+  got, want = _run(profile, seed, hyper, fmt), _float64(profile, seed, hyper)
+  loss_ratio = got.final_loss / want.final_loss
+  step_ratio = got.largest_step / want.largest_step
+  print(f"loss x{loss_ratio:.3f}, largest step x{step_ratio:.3f}")
+  assert 1 / LOSS_FACTOR[fmt] <= loss_ratio <= LOSS_FACTOR[fmt], (got.final_loss, want.final_loss)
+  assert 1 / STEP_FACTOR[fmt] <= step_ratio <= STEP_FACTOR[fmt], (
+    got.largest_step,
+    want.largest_step,
+  )
+
+
+def mixed_tolerance(fmt: str, num_steps: int) -> float:
+  """The largest |ratio − 1| allowed for a coordinate's |Δx| (the module's docstring)."""
+  if fmt in FLOAT_FORMATS:
+    return 2 * num_steps * 2.0**-24
+  return 5 * 0.5 * np.sqrt(RELATIVE_SPACING[fmt] / 2)
+
+
+@pytest.mark.parametrize(("profile", "seed", "hyper", "fmt"), list(_cases("mixed")))
+def test_every_coordinate_of_a_mixed_block_steps_as_in_float64(profile, seed, hyper, fmt):
+  got, want = _run(profile, seed, hyper, fmt), _float64(profile, seed, hyper)
+  ratio = got.mixed_step_rms / want.mixed_step_rms
+  tolerance = mixed_tolerance(fmt, PROFILES[profile]["num_steps"])
+  worst = np.unravel_index(np.argmax(np.abs(np.nan_to_num(ratio, nan=np.inf) - 1)), ratio.shape)
+  print(f"|dx| ratio in [{np.nanmin(ratio):.4f}, {np.nanmax(ratio):.4f}], worst at {worst}")
+  assert np.all(np.abs(ratio - 1) <= tolerance), (
+    f"coordinate {worst} (|g| = {_problem(profile, seed).mixed_magnitude[worst]:.3g}): "
+    f"|dx| {got.mixed_step_rms[worst]:.4g} against float64's {want.mixed_step_rms[worst]:.4g}"
+  )
