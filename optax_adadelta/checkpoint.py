@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -39,7 +40,11 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
+
+from optax_adadelta._checkpoint_checksums import checksums, record_digest
+from optax_adadelta._checkpoint_lock import LOCK_SUFFIX, CheckpointInUseError, one_writer
+
+__all__ = ["CheckpointInUseError", "Checkpoints", "TrainState", "restore", "save"]
 
 _KEY = "optax_adadelta"
 
@@ -68,77 +73,6 @@ def _signature(tree: Any) -> dict[str, str]:
 
   leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {jax.tree_util.keystr(path): describe(leaf) for path, leaf in leaves}
-
-
-# Checksums ----------------------------------------------------------------------------
-
-_MASK = np.uint64(0xFFFFFFFF)
-_BLOCK = 1 << 22  # words per NumPy pass, to bound the temporaries
-
-
-def _words(x: np.ndarray) -> np.ndarray:
-  """The bytes of `x` as 32-bit words held in uint64; 8-byte and complex values get
-  trailing axes (little-endian order, as stored)."""
-  if np.iscomplexobj(x):
-    x = np.stack([x.real, x.imag], axis=-1)
-  x = np.ascontiguousarray(x)
-  size = x.dtype.itemsize
-  if size == 8:
-    return x.view(np.uint32).reshape(*x.shape, 2).astype(np.uint64)
-  if size in (1, 2, 4):
-    return x.view(f"u{size}").astype(np.uint64)
-  raise TypeError(f"cannot checksum dtype {x.dtype}")
-
-
-def _partial_digest(
-  block: np.ndarray, start: tuple[int, ...], shape: tuple[int, ...]
-) -> np.ndarray:
-  """Two sums mod 2³² over one block of words at `start` in an array of words of `shape`,
-  each word weighted by its position there. The sums do not depend on how the array is cut
-  into shards and blocks, and a flipped bit always changes the first (its weight is odd)."""
-  index = np.zeros((), np.uint64)
-  for axis, (offset, length) in enumerate(zip(start, shape, strict=True)):
-    coordinate = np.arange(offset, offset + block.shape[axis], dtype=np.uint64)
-    index = index * np.uint64(length) + coordinate.reshape((-1,) + (1,) * (len(shape) - axis - 1))
-  index &= _MASK
-  weighted = np.sum(block * (2 * index + 1), dtype=np.uint64) & _MASK
-  mixed = ((block ^ ((index * np.uint64(0x9E3779B9)) & _MASK)) * np.uint64(0x85EBCA6B)) & _MASK
-  mixed ^= mixed >> np.uint64(16)
-  return np.array([weighted, np.sum(mixed, dtype=np.uint64) & _MASK], np.uint64)
-
-
-def _digest(leaf: Any) -> np.ndarray:
-  """This process's part of a leaf's digest: its shards that are first replicas."""
-  if not isinstance(leaf, jax.Array):
-    leaf = np.asarray(leaf)
-    pieces = [((slice(None),) * leaf.ndim, leaf)]
-  else:
-    pieces = [(s.index, s.data) for s in leaf.addressable_shards if s.replica_id == 0]
-  total = np.zeros(2, np.uint64)
-  for index, data in pieces:
-    words = _words(np.asarray(data))
-    start = tuple(sl.start or 0 for sl in index) + (0,) * (words.ndim - len(index))
-    shape = tuple(leaf.shape) + words.shape[len(index) :]
-    rows = max(1, _BLOCK // max(1, words[0].size)) if words.ndim else 1
-    for row in range(0, max(1, len(words)) if words.ndim else 1, rows):
-      block = words[row : row + rows] if words.ndim else words
-      offset = (start[0] + row, *start[1:]) if words.ndim else start
-      total += _partial_digest(block, offset, shape)
-  return total & _MASK
-
-
-def _checksums(tree: Any) -> dict[str, str]:
-  """``{path: 16 hex digits}`` for every array leaf; every process must call it."""
-  paths, digests = [], []
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    if hasattr(leaf, "dtype"):
-      paths.append(jax.tree_util.keystr(path))
-      digests.append(_digest(leaf))
-  total: np.ndarray = np.array(digests, np.uint64).reshape(-1, 2)
-  if jax.process_count() > 1:  # each process summed its own shards
-    gathered = np.asarray(multihost_utils.process_allgather(total.astype(np.uint32)), np.uint64)
-    total = np.asarray(np.sum(gathered, axis=0, dtype=np.uint64) & _MASK)
-  return {path: f"{int(a):08x}{int(b):08x}" for path, (a, b) in zip(paths, total, strict=True)}
 
 
 # Errors -------------------------------------------------------------------------------
@@ -210,13 +144,12 @@ def _tree(params: Any, opt_state: Any, step: int) -> dict[str, Any]:
 
 
 def _record(tree: Any, config: Mapping[str, Any] | None) -> dict[str, Any]:
-  return {
-    _KEY: {
-      "signature": _signature(tree),
-      "config": _json_config(config),
-      "checksums": _checksums(tree),
-    }
+  record = {
+    "signature": _signature(tree),
+    "config": _json_config(config),
+    "checksums": checksums(tree),
   }
+  return {_KEY: {**record, "digest": record_digest(record)}}
 
 
 def save(
@@ -247,17 +180,25 @@ def save(
 
   Raises:
     ValueError: ``directory`` exists and ``overwrite`` is False.
+    CheckpointInUseError: another save to ``directory`` is in progress (in any process
+      that uses this module); nothing was written.
+    PermissionError: the directory that holds ``directory`` is not writable.
     TypeError: ``step`` is not an int, or ``config`` holds values JSON cannot represent.
   """
   tree = _tree(params, opt_state, step)
   metadata = _record(tree, config)
   directory = _absolute(directory)
-  if not overwrite and os.path.exists(directory):
-    raise ValueError(
-      f"directory {directory} already exists; pass overwrite=True to replace the "
-      "checkpoint there, or save to a new directory"
-    )
-  with ocp.StandardCheckpointer() as checkpointer:
+
+  def refuse_an_existing_checkpoint() -> None:
+    if not overwrite and os.path.exists(directory):
+      raise ValueError(
+        f"directory {directory} already exists; pass overwrite=True to replace the "
+        "checkpoint there, or save to a new directory"
+      )
+
+  # The lock file sits where orbax puts its temporary directory: <directory>.orbax-...-tmp.
+  lock = one_writer(directory + LOCK_SUFFIX, directory, refuse_an_existing_checkpoint)
+  with lock, ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory, tree, force=overwrite, custom_metadata=metadata)
 
 
@@ -309,6 +250,11 @@ def _check_fit(
   returns what save recorded."""
   if not isinstance(recorded, Mapping) or "signature" not in recorded:
     raise ValueError(f"The checkpoint at {where} {_why_unrecorded(directory)}")
+  if "digest" in recorded and recorded["digest"] != record_digest(recorded):
+    raise ValueError(
+      f"The checkpoint at {where} is corrupted: its metadata (signature, config or "
+      "checksums) was changed after the save. Restore an earlier checkpoint."
+    )
   problems = _mismatches(recorded["signature"], _signature(target))
   if problems:
     raise ValueError(
@@ -337,14 +283,14 @@ def _check_contents(where: str, recorded: Mapping[str, Any], restored: Any) -> N
   saved = recorded.get("checksums")
   if saved is None:
     return
-  read = _checksums(restored)
+  read = checksums(restored)
   damaged = sorted(path for path in saved if read.get(path) != saved[path])
   if damaged:
     raise ValueError(
       f"The checkpoint at {where} is corrupted: the bytes read back for "
       f"{', '.join(damaged)} differ from those saved (checksum {read.get(damaged[0])} "
-      f"read, {saved[damaged[0]]} saved). Its array files were changed after the save; "
-      "restore an earlier checkpoint."
+      f"read, {saved[damaged[0]]} saved). Its array files were changed after the save, "
+      "or mixed with another save's; restore an earlier checkpoint."
     )
 
 
@@ -423,7 +369,9 @@ class Checkpoints:
     options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep,
       enable_async_checkpointing=False,
-      cleanup_tmp_directories=True,  # what a killed save left behind
+      # What a killed save left behind: save() removes it under its lock, as orbax's
+      # cleanup here could delete the directory another process is saving into.
+      cleanup_tmp_directories="://" in self.directory,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -453,17 +401,46 @@ class Checkpoints:
     config: Mapping[str, Any] | None = None,
   ) -> None:
     """Writes ``directory/<step>`` (as :func:`save` does), then drops the oldest steps
-    beyond ``max_to_keep``. Raises ValueError if that step is already saved."""
+    beyond ``max_to_keep``.
+
+    Raises:
+      ValueError: that step, or a later one, is already saved.
+      CheckpointInUseError: another process (or thread) is saving into ``directory``;
+        nothing was written.
+      PermissionError: ``directory`` is not writable.
+    """
     tree = _tree(params, opt_state, step)
-    if tree["step"] in self._manager.all_steps():
+    metadata = _record(tree, config)
+    with one_writer(
+      os.path.join(self.directory, LOCK_SUFFIX), self.directory, lambda: self._check_new(step)
+    ):
+      self._manager.reload()  # process 0 did in _check_new; the others see its checks' result
+      saved = self._manager.save(
+        tree["step"], args=ocp.args.StandardSave(tree), custom_metadata=metadata
+      )
+      self._manager.wait_until_finished()
+    if not saved:
+      raise ValueError(f"orbax declined to save step {step} in {self.directory}")
+
+  def _check_new(self, step: int) -> None:
+    """Refuses a step saved already, or below the latest (orbax would skip it silently),
+    and removes the temporary directories of killed saves: run under the save's lock."""
+    self._manager.reload()  # another process may have saved since
+    steps = self.all_steps()
+    if step in steps:
       raise ValueError(
-        f"step {tree['step']} is already saved in {self.directory}; checkpoints of one run "
+        f"step {step} is already saved in {self.directory}; checkpoints of one run "
         "have increasing steps"
       )
-    self._manager.save(
-      tree["step"], args=ocp.args.StandardSave(tree), custom_metadata=_record(tree, config)
-    )
-    self._manager.wait_until_finished()
+    if steps and steps[-1] > step:
+      raise ValueError(
+        f"step {step} is below the latest step saved in {self.directory}, {steps[-1]}; "
+        "checkpoints of one run have increasing steps (save a restarted run elsewhere)"
+      )
+    if "://" not in self.directory:
+      for name in os.listdir(self.directory):
+        if ".orbax-checkpoint-tmp" in name:
+          shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
 
   def restore(
     self,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -299,3 +300,35 @@ def test_restore_given_a_config_refuses_a_checkpoint_saved_without_one(tmp_path)
   with pytest.raises(ValueError, match=r"saved without a config, but restore was given config"):
     checkpoint.restore(tmp_path / "ckpt", *_templates(SMALL), config={"rho": 0.95})
   _assert_restored(checkpoint.restore(tmp_path / "ckpt", *_templates(SMALL)), 1, SMALL)
+
+
+# What the checksums cover beyond the arrays --------------------------------------------
+
+
+def _save_at(directory: Path, step: int, config=None) -> None:
+  """The same arrays as _save_small, at another step."""
+  tx = optax_adadelta.adadelta()
+  params = {"w": jnp.asarray(_base(SMALL) + np.float32(1))}
+  opt_state = jax.tree.map(lambda x: x + 1, tx.init(params))
+  checkpoint.save(directory, params, opt_state, step=step, config=config)
+
+
+def test_a_step_that_came_from_another_save_is_refused(tmp_path):
+  """Equal arrays, the step of another save: what two writers to one path could leave."""
+  _save_at(tmp_path / "a", 1)
+  _save_at(tmp_path / "b", 2)
+  shutil.copytree(tmp_path / "b", tmp_path / "mixed")
+  shutil.copy(tmp_path / "a" / "_CHECKPOINT_METADATA", tmp_path / "mixed")
+  with pytest.raises(ValueError, match=r"mixed is corrupted: the bytes read back for \['step'\]"):
+    checkpoint.restore(tmp_path / "mixed", *_templates(SMALL))
+  _assert_restored(checkpoint.restore(tmp_path / "a", *_templates(SMALL)), 1, SMALL)
+
+
+def test_a_config_edited_after_the_save_is_refused(tmp_path):
+  _save_at(tmp_path / "ckpt", 1, config={"rho": 0.95})
+  metadata = tmp_path / "ckpt" / "_CHECKPOINT_METADATA"
+  text = metadata.read_text()
+  assert text.count('"rho": 0.95') == 1
+  metadata.write_text(text.replace('"rho": 0.95', '"rho": 0.9'))
+  with pytest.raises(ValueError, match=r"ckpt is corrupted: its metadata .* was changed"):
+    checkpoint.restore(tmp_path / "ckpt", *_templates(SMALL), config={"rho": 0.9})
