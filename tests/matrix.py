@@ -68,7 +68,7 @@ def displacement(params) -> list[np.ndarray]:
   return [np.asarray(params[k], np.float64) - start()[k] for k in SHAPES]
 
 
-def _loop(tx, ys, grad_of=None, params=None):
+def _loop(tx, ys, grad_of=None, params=None, state=None):
   """The jitted per-step loop every context is compared with; grad_of(g, p) pre-processes."""
   grad_of = grad_of or (lambda g, p: g)
 
@@ -79,7 +79,7 @@ def _loop(tx, ys, grad_of=None, params=None):
     return optax.apply_updates(params, updates), state
 
   params = jax.tree.map(jnp.asarray, start()) if params is None else params
-  state = tx.init(params)
+  state = tx.init(params) if state is None else state
   for y in ys:
     params, state = step(params, state, y)
   return params, state
@@ -160,14 +160,7 @@ def inject_run(fmt):
 def inject_plain():
   ys = targets()
   params, state = _loop(adadelta({}), ys[:3])
-  return displacement(_loop_from(adadelta({}, rho=0.8), ys[3:], params, state))
-
-
-def _loop_from(tx, ys, params, state):
-  for y in ys:
-    updates, state = tx.update(jax.grad(loss)(params, y), state, params)
-    params = optax.apply_updates(params, updates)
-  return params
+  return displacement(_loop(adadelta({}, rho=0.8), ys[3:], params=params, state=state)[0])
 
 
 def multisteps_run(fmt):
@@ -328,7 +321,7 @@ def checkpoint_run(fmt):
     restored = checkpoint.restore(f"{directory}/ckpt", template, jax.eval_shape(tx.init, template))
   params, state, step = restored
   assert step == 3
-  resumed = _loop_from(tx, ys[3:], params, state)
+  resumed, _ = _loop(tx, ys[3:], params=params, state=state)  # the same jitted step
   for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # a resumed run is the same run
   return displacement(resumed)

@@ -40,16 +40,19 @@ RELATIVE_SPACING = {"bf16_sr": 2.0**-7, "8bit": 2.0 ** (24 / 254) - 1}
 
 EIGHT_BIT = "#22 items 1-2, being fixed"
 BF16_EDGE = (
-  "#22 new: bfloat16 + SR at rho 0.9 and 0.95 puts the stiffest coordinates (h ~ 30) into "
-  "larger edge-of-stability bursts than float64's seed spread (largest step 2-15x)"
+  "#22 new: a bfloat16 state (SR or not; float16 + SR is fine) at rho 0.9 and 0.95 puts the "
+  "stiffest coordinates (h ~ 30) into larger edge-of-stability bursts than float64's seed "
+  "spread (largest step 2-15x)"
 )
 KNOWN = {  # (test, format, (rho, eps)) -> reason; the 8-bit state diverges on all of them
   **{(test, "8bit", h): EIGHT_BIT for test in ("finite", "quadratic", "mixed") for h in lh.HYPERS},
   ("quadratic", "bf16_sr", (0.9, 1e-6)): BF16_EDGE,
   ("quadratic", "bf16_sr", (0.95, 1e-6)): BF16_EDGE,
 }
-# NaN at 58e68af; finite with helper A's work in progress on the 8-bit modules.
-NOT_STRICT = {("finite", "8bit")}
+# Not strict: the 8-bit state is NaN at 58e68af but finite with helper A's work in progress;
+# bfloat16 at ρ = 0.9 lands on either side of the bound by seed (largest step ×0.78 to ×2.8 on
+# seeds 0-3), where at ρ = 0.95 it is outside on every seed tried (×1.9 to ×15).
+NOT_STRICT = {("finite", "8bit", None), ("quadratic", "bf16_sr", (0.9, 1e-6))}
 PROFILES = {"default": {"num_steps": 10_000, "rows": 4}, "long": {"num_steps": 20_000, "rows": 8}}
 SEEDS = {"default": (0,), "long": (0, 1, 2)}
 
@@ -62,7 +65,8 @@ def _cases(test):
           marks = [pytest.mark.slow] if profile == "long" else []
           reason = KNOWN.get((test, fmt, hyper))
           if reason:  # other seeds of the long profile may land inside the spread
-            strict = profile == "default" and (test, fmt) not in NOT_STRICT
+            loose = {(test, fmt, None), (test, fmt, hyper)} & NOT_STRICT
+            strict = profile == "default" and not loose
             marks.append(pytest.mark.xfail(strict=strict, reason=reason))
           case_id = f"{profile}-seed{seed}-rho{hyper[0]}-eps{hyper[1]:g}-{fmt}"
           yield pytest.param(profile, seed, hyper, fmt, marks=marks, id=case_id)
