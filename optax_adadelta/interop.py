@@ -1,19 +1,22 @@
-"""Adadelta state to and from PyTorch's ``state_dict`` and Keras's optimizer variables.
+"""Adadelta state to and from PyTorch's ``state_dict``, Keras's optimizer variables and
+TensorFlow.js's ``optimizer.getWeights()``.
 
-A run started in PyTorch or Keras continues here with the same next steps, and back:
+A run started in PyTorch, Keras or TF.js continues here with the same next steps, and back:
 
   opt_state = interop.from_torch(tx.init(params), torch_optimizer.state_dict())
   torch_optimizer.load_state_dict(interop.to_torch(opt_state, torch_optimizer.state_dict()))
   opt_state = interop.from_keras(tx.init(params), keras_optimizer)
   interop.to_keras(opt_state, keras_optimizer)
+  opt_state = interop.from_tfjs(tx.init(params), weights)   # [(name, array), ...]
+  weights = interop.to_tfjs(opt_state)                      # for optimizer.setWeights
 
 Parameters are matched by position: the leaves of the optax state, in ``jax.tree.leaves``
 order, against PyTorch's parameter indices (in ``param_groups`` order) or Keras's
 trainable variables (the order the optimizer was built with). Shapes must match exactly
 (a PyTorch ``Linear`` weight is (out, in), a Flax ``Dense`` kernel (in, out): transpose
-the parameters themselves first). PyTorch's per-parameter ``step`` and Keras's
+the parameters themselves first). PyTorch's per-parameter ``step``, Keras's and TF.js's
 ``iterations`` go to the step counters the optax state has (a learning-rate schedule's,
-the parameter EMA's).
+the parameter EMA's; ``presets.tfjs`` always has one).
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _adadelta_state(opt_state: Any, exporting: bool = False) -> ScaleByAdadeltaS
   lows = [s for s in jax.tree.leaves(opt_state, is_leaf=is_low) if is_low(s)]
   if lows and not exporting:
     raise ValueError(
-      "interop.from_torch/from_keras cannot load into a low-memory state "
+      "interop.from_torch/from_keras/from_tfjs cannot load into a low-memory state "
       "(stochastic_rounding=True or state_bits=8): load into the optimizer's float32 "
       "state (the same optimizer without those keywords); to_torch/to_keras export a "
       "low-memory state as float32 (dequantized)"
@@ -335,3 +338,102 @@ def to_keras(opt_state: Any, optimizer: Any, step: int | None = None) -> None:
   if slots["ema"] and averages:
     for variable, value in zip(slots["ema"], jax.tree.leaves(averages[0].ema), strict=True):
       variable.assign(np.asarray(value))
+
+
+# TensorFlow.js ----------------------------------------------------------------------------
+
+_TFJS_SUFFIXES = ("/accum_grad", "/accum_var")  # adadelta_optimizer.js, applyGradients
+
+
+def _tfjs_pairs(weights: Any) -> list[tuple[str, np.ndarray]]:
+  """(name, array) pairs from [(name, array), ...] or [{"name", "tensor"}, ...]."""
+  if isinstance(weights, (str, bytes, dict)) or not hasattr(weights, "__iter__"):
+    raise ValueError(
+      "weights must be the list TF.js's optimizer.getWeights() returns, as (name, array) "
+      f"pairs or {{'name', 'tensor'}} dicts; got {type(weights).__name__}"
+    )
+  pairs = []
+  for i, item in enumerate(weights):
+    if isinstance(item, dict) and {"name", "tensor"} <= set(item):
+      name, value = item["name"], item["tensor"]
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+      name, value = item
+    else:
+      raise ValueError(f"weights[{i}] must be a (name, array) pair or {{'name', 'tensor'}}")
+    pairs.append((str(name), _to_numpy(value)))
+  return pairs
+
+
+def from_tfjs(opt_state: Any, weights: Any) -> Any:
+  """``opt_state`` with the state of TF.js's ``tf.train.adadelta``: ``iter``, then each
+  variable's ``<name>/accum_grad``, then each ``<name>/accum_var``, in the order of
+  ``optimizer.getWeights()`` (tfjs-core 4.22). A flat (1-D) array of the right size is
+  reshaped to its leaf's shape; any other shape must match exactly."""
+  pairs = _tfjs_pairs(weights)
+  like = jax.tree.leaves(_adadelta_state(opt_state).e_g2)
+  if not pairs or pairs[0][0] != "iter":
+    first = pairs[0][0] if pairs else None
+    raise ValueError(
+      f"weights must start with TF.js's iteration count 'iter', got {first!r}: pass "
+      "optimizer.getWeights() of tf.train.adadelta unchanged"
+    )
+  step = _torch_step(pairs[0][1], "the TF.js iteration count 'iter'")
+  rest = pairs[1:]
+  if len(rest) != 2 * len(like):
+    raise ValueError(
+      f"TF.js saved {len(rest)} accumulators, but the optax state has {len(like)} leaves, "
+      f"which need {2 * len(like)} (an accum_grad and an accum_var each); build both "
+      "optimizers on the same variables, in the same order"
+    )
+  halves = rest[: len(like)], rest[len(like) :]
+  for suffix, half in zip(_TFJS_SUFFIXES, halves, strict=True):
+    for name, _ in half:
+      if not name.endswith(suffix):
+        raise ValueError(
+          f"TF.js weight {name!r} is where tf.train.adadelta keeps a '*{suffix}': "
+          "is this the state of an Adadelta optimizer?"
+        )
+  fit = lambda half: [
+    value.reshape(ref.shape) if value.ndim == 1 and value.size == ref.size else value
+    for (_, value), ref in zip(half, like, strict=True)
+  ]
+  return _replace(
+    opt_state,
+    _checked(fit(halves[0]), like, "TF.js's saved state", "accum_grad"),
+    _checked(fit(halves[1]), like, "TF.js's saved state", "accum_var"),
+    step,
+  )
+
+
+def to_tfjs(
+  opt_state: Any, variable_names: list[str] | None = None, step: int | None = None
+) -> list[tuple[str, np.ndarray]]:
+  """The weights for TF.js's ``optimizer.setWeights``: ``("iter", int32 scalar)``, then
+  ``("<name>/accum_grad", E[g²])`` per variable, then ``("<name>/accum_var", E[Δx²])``.
+
+  Args:
+    opt_state: the optax state.
+    variable_names: TF.js's variable names, in the order of the optax state's leaves
+      (TF.js only keeps them as labels); by default the leaves' paths.
+    step: the iteration count to record; by default the optax state's own counter
+      (``presets.tfjs`` has one), else required.
+  """
+  ours = _adadelta_state(opt_state, exporting=True)
+  with_paths = jax.tree_util.tree_flatten_with_path(ours.e_g2)[0]
+  if variable_names is None:
+    variable_names = [jax.tree_util.keystr(path) or "leaf" for path, _ in with_paths]
+  if len(variable_names) != len(with_paths):
+    raise ValueError(
+      f"variable_names has {len(variable_names)} names but the optax state has "
+      f"{len(with_paths)} leaves"
+    )
+  step = _step_count(opt_state) if step is None else step
+  if step is None:
+    raise ValueError("this optax state counts no steps: pass step=<number of steps taken>")
+  _check_step(step)
+  e_g2, e_dx2 = jax.tree.leaves(ours.e_g2), jax.tree.leaves(ours.e_dx2)
+  return [
+    ("iter", np.asarray(step, np.int32)),
+    *((f"{n}/accum_grad", np.asarray(a)) for n, a in zip(variable_names, e_g2, strict=True)),
+    *((f"{n}/accum_var", np.asarray(b)) for n, b in zip(variable_names, e_dx2, strict=True)),
+  ]

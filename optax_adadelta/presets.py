@@ -8,8 +8,12 @@ differences.
 
 from __future__ import annotations
 
+import inspect
+import re
+from collections.abc import Sequence
 from typing import Any, TypeAlias
 
+import jax
 import numpy as np
 import optax
 
@@ -58,10 +62,14 @@ def tfjs(
 
   It divides by √(E[g²]ₜ₋₁ + ε), the average *before* this step's gradient, so its
   first step is exactly ``-learning_rate * g`` (the paper uses E[g²]ₜ). ``epsilon=None``
-  means the backend's epsilon, 1e-7 on the CPU backend.
+  means the backend's epsilon, 1e-7 on the CPU backend. The state counts the steps taken,
+  as the optimizer's ``iterations`` that TF.js saves first in ``getWeights()``
+  (``optimizer.js``, ``saveIterations``); :func:`optax_adadelta.interop.to_tfjs` writes it.
   """
   epsilon = TFJS_CPU_EPSILON if epsilon is None else epsilon
   _check_common("learning_rate", learning_rate, rho, "epsilon", epsilon)
+  if not callable(learning_rate):  # a constant schedule: the same product, and a step count
+    learning_rate = optax.constant_schedule(learning_rate)
   return _adadelta.adadelta(learning_rate, rho, epsilon, update_rule="tfjs")
 
 
@@ -90,6 +98,8 @@ def keras(
   ema_overwrite_frequency: int | None = None,
   loss_scale_factor: float | None = None,
   gradient_accumulation_steps: int | None = None,
+  *,
+  exclude_from_weight_decay: Sequence[str] | None = None,
 ) -> GradientTransformation:
   """``keras.optimizers.Adadelta`` (Keras 3.15), every keyword in Keras's order.
 
@@ -99,9 +109,26 @@ def keras(
   clipped
   (``clipnorm`` per tensor, ``global_clipnorm``, or ``clipvalue``); decoupled weight decay
   x ← x − η·λ·x; the Adadelta step; then the parameter EMA (:func:`params_ema`) with
-  its overwrite. ``learning_rate`` is a float or an optax schedule, called like a Keras
-  ``LearningRateSchedule`` with the optimizer's raw iteration count. Finish with
-  :func:`optax_adadelta.finalize`. Invalid combinations raise Keras's errors.
+  its overwrite. Finish with :func:`optax_adadelta.finalize`. Invalid combinations raise
+  Keras's errors.
+
+  ``learning_rate`` takes what Keras takes (``base_optimizer._get_current_learning_rate``):
+  a float; a schedule of the step count (an optax schedule, or a Keras
+  ``LearningRateSchedule``), called with the optimizer's raw iteration count; or a callable
+  of no arguments, called with none on every step. Under ``jax.jit`` that call happens once,
+  while tracing: a callable that reads Python state (a variable a callback changes) keeps
+  the value it read then, and a change is seen only without ``jit`` or after a retrace.
+  Keras on JAX does the same: ``model.fit`` compiles the step, and only an eager
+  ``optimizer.apply`` calls it anew each step. To change the rate under ``jit``, use a
+  schedule or ``optax.inject_hyperparams``.
+
+  ``exclude_from_weight_decay`` is Keras's
+  ``optimizer.exclude_from_weight_decay(var_names=...)``, given here at construction: a
+  parameter is not decayed when any of these regular expressions is found
+  (``re.search``) in its name, the last key of its path in the parameter tree, as Keras
+  searches ``variable.name`` (``"kernel"``, ``"bias"``; the last part of
+  ``variable.path``). A Flax NNX ``Variable``'s own ``.value`` is not part of the name.
+  For any other rule, build ``optax_adadelta.adadelta(weight_decay_mask=...)``.
   """
   if not (isinstance(learning_rate, float) or callable(learning_rate)):
     raise ValueError(
@@ -161,6 +188,8 @@ def keras(
   if use_ema:
     _checks.check_in_range("ema_momentum", ema_momentum, low=0.0, high=1.0, low_open=False)
 
+  decay_mask = _keras_decay_mask(exclude_from_weight_decay)
+  learning_rate = _keras_learning_rate(learning_rate)
   steps = int(gradient_accumulation_steps or 1)
   overwrite_frequency = int(ema_overwrite_frequency) if ema_overwrite_frequency else None
   if callable(learning_rate) and steps > 1:
@@ -179,7 +208,7 @@ def keras(
   inner: optax.GradientTransformation = optax.chain(
     *clip,
     core,
-    *([optax.add_decayed_weights(weight_decay)] if weight_decay is not None else []),
+    *([optax.add_decayed_weights(weight_decay, decay_mask)] if weight_decay is not None else []),
     optax.scale_by_learning_rate(learning_rate),
   )
   if steps > 1:
@@ -189,3 +218,62 @@ def keras(
     inner,
     *([params_ema(ema_momentum, overwrite_frequency, accumulation_steps=steps)] if use_ema else []),
   )
+
+
+def _keras_learning_rate(learning_rate: Any) -> Any:
+  """A callable of no arguments as a schedule that ignores the count; anything else as is."""
+  if not callable(learning_rate) or not _takes_no_arguments(learning_rate):
+    return learning_rate
+  no_arguments = learning_rate
+  return lambda count: no_arguments()
+
+
+def _takes_no_arguments(fn: Any) -> bool:
+  # Keras tells a schedule by its type; a schedule here may be any callable of the count.
+  if any(cls.__name__ == "LearningRateSchedule" for cls in type(fn).__mro__):
+    return False
+  try:
+    inspect.signature(fn).bind()
+  except (TypeError, ValueError):  # needs an argument, or has no signature to read
+    return False
+  return True
+
+
+def _keras_decay_mask(var_names: Sequence[str] | None):
+  """The weight-decay mask of Keras's ``exclude_from_weight_decay(var_names=...)``, or None."""
+  if var_names is None:
+    return None
+  if isinstance(var_names, str) or not all(isinstance(n, str) for n in var_names):
+    raise TypeError(
+      "exclude_from_weight_decay must be a list of strings (regular expressions searched in "
+      f"the parameters' names, as Keras's var_names), got {var_names!r}"
+    )
+  if not var_names:
+    return None
+  try:
+    pattern = re.compile("|".join(sorted(set(var_names))))  # Keras: "|".join(set(var_names))
+  except re.error as error:
+    raise ValueError(
+      f"exclude_from_weight_decay={list(var_names)!r} is not a valid regular expression "
+      f"({error}); escape special characters with re.escape"
+    ) from error
+
+  def decayed(path, _leaf) -> bool:
+    return pattern.search(_leaf_name(path)) is None
+
+  return lambda params: jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def _leaf_name(path: tuple) -> str:
+  """The last key of a pytree path, as a string (a Flax NNX Variable's `.value` skipped)."""
+  keys = list(path)
+  is_variable_value = isinstance(keys[-1], jax.tree_util.GetAttrKey) if keys else False
+  if len(keys) > 1 and is_variable_value and keys[-1].name in ("value", "raw_value"):
+    keys.pop()
+  if not keys:
+    return ""
+  key = keys[-1]
+  for field in ("key", "name", "idx"):  # DictKey / FlattenedIndexKey, GetAttrKey, SequenceKey
+    if hasattr(key, field):
+      return str(getattr(key, field))
+  return str(key)

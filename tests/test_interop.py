@@ -6,6 +6,7 @@ compares with continuing in the first library.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -153,6 +154,116 @@ def test_a_run_here_continues_in_keras(keras):
   interop.to_keras(opt_state, optimizer)
   assert int(optimizer.iterations) == K
   _assert_close(rest_here, _keras_run(keras, variables, grads[K:], optimizer))
+
+
+# TensorFlow.js: the accumulators and the iteration count of getWeights() ----------------
+
+TFJS_KWARGS = {"learning_rate": 0.5}
+TFJS_CASE = parity_cases._case("interop-tfjs", "tfjs", TFJS_KWARGS, steps=K + M, seed=13)
+
+
+@pytest.fixture
+def tfjs():
+  return parity.live_peer("tfjs")
+
+
+def _flat(trajectory):
+  return [[np.asarray(x).ravel() for x in step] for step in trajectory]
+
+
+def test_the_tfjs_preset_counts_steps_and_exports_them_as_iter():
+  tx = presets.tfjs()
+  params = [jnp.ones((2, 3)), jnp.ones(4)]
+  opt_state = tx.init(params)
+  for _ in range(3):
+    _, opt_state = tx.update([jnp.full((2, 3), 0.5), jnp.full(4, -1.0)], opt_state)
+  weights = interop.to_tfjs(opt_state, ["w", "b"])
+  assert [name for name, _ in weights] == [
+    "iter", "w/accum_grad", "b/accum_grad", "w/accum_var", "b/accum_var",
+  ]  # fmt: skip
+  assert weights[0][1].dtype == np.int32 and int(weights[0][1]) == 3
+  back = interop.from_tfjs(tx.init(params), weights)
+  assert int(optax.tree.get(back, "count")) == 3
+  for field in ("e_g2", "e_dx2"):
+    for a, b in zip(jax.tree.leaves(optax.tree.get(back, field)),
+                    jax.tree.leaves(optax.tree.get(opt_state, field)), strict=True):  # fmt: skip
+      np.testing.assert_array_equal(a, b)
+
+
+def test_a_tfjs_run_continues_here_with_its_iteration_count(tfjs):
+  params0, grads = parity_cases.inputs(TFJS_CASE)
+  full, _, _ = tfjs.run_with_weights(TFJS_CASE, params0, grads)
+  first, iterations, weights = tfjs.run_with_weights(TFJS_CASE, params0, grads[:K])
+  assert iterations == K and weights[0][0] == "iter" and int(weights[0][1]) == K
+
+  tx = presets.tfjs(**TFJS_KWARGS)
+  params = [jnp.asarray(p.reshape(p0.shape)) for p, p0 in zip(first[-1], params0, strict=True)]
+  opt_state = interop.from_tfjs(tx.init(params), weights)
+  assert int(optax.tree.get(opt_state, "count")) == K
+  rest, opt_state = _ours_continue(tx, opt_state, params, grads[K:])
+  _assert_close(_flat(rest), full[K:])
+  assert int(optax.tree.get(opt_state, "count")) == K + M
+
+
+def test_a_run_here_continues_in_tfjs_with_its_iteration_count(tfjs):
+  params0, grads = parity_cases.inputs(TFJS_CASE)
+  tx = presets.tfjs(**TFJS_KWARGS)
+  params = [jnp.asarray(p) for p in params0]
+  first, opt_state = _ours_continue(tx, tx.init(params), params, grads[:K])
+  rest_here, final_state = _ours_continue(
+    tx, opt_state, [jnp.asarray(p) for p in first[-1]], grads[K:]
+  )
+  names = [f"leaf{i}" for i in range(len(params0))]
+  rest_there, iterations, saved = tfjs.run_with_weights(
+    TFJS_CASE, first[-1], grads[K:], interop.to_tfjs(opt_state, names)
+  )
+  _assert_close(rest_there, _flat(rest_here))
+  assert iterations == K + M  # TF.js restored the count and went on counting
+  back = interop.from_tfjs(tx.init(params), saved)  # and its saved state loads here again
+  assert int(optax.tree.get(back, "count")) == K + M
+  for field in ("e_g2", "e_dx2"):
+    got = jax.tree.leaves(optax.tree.get(back, field))
+    want = jax.tree.leaves(optax.tree.get(final_state, field))
+    _assert_close([[np.asarray(x) for x in got]], [[np.asarray(x) for x in want]])
+
+
+def _tfjs_weights(iteration=2, suffixes=("accum_grad", "accum_var"), count=1):
+  weights = [("iter", np.asarray(iteration, np.int32))]
+  for suffix in suffixes:
+    weights += [(f"v{i}/{suffix}", np.ones(2, np.float32)) for i in range(count)]
+  return weights
+
+
+@pytest.mark.parametrize(
+  ("weights", "pattern"),
+  [
+    (_tfjs_weights()[1:], "must start with TF.js's iteration count 'iter'"),
+    (_tfjs_weights(count=2), "TF.js saved 4 accumulators, but the optax state has 1 leaves"),
+    (
+      _tfjs_weights(suffixes=("m", "v")),
+      r"'v0/m' is where tf.train.adadelta keeps a '\*/accum_grad'",
+    ),
+    (_tfjs_weights(iteration=-1), "iteration count 'iter' must be a whole number >= 0"),
+    ({"iter": 1}, "weights must be the list TF.js's optimizer.getWeights"),
+  ],
+  ids=["no-iter", "too-many", "not-adadelta", "negative-iter", "a-dict"],
+)
+def test_from_tfjs_names_what_does_not_fit(weights, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    interop.from_tfjs(presets.tfjs().init([jnp.ones(2)]), weights)
+
+
+def test_from_tfjs_refuses_a_shape_that_is_neither_flat_nor_equal():
+  weights = _tfjs_weights()
+  weights[1] = ("v0/accum_grad", np.ones((3, 2), np.float32))
+  with pytest.raises(ValueError, match=r"parameter 0: TF.js.s saved state has shape \(3, 2\)"):
+    interop.from_tfjs(presets.tfjs().init([jnp.ones((2, 3))]), weights)
+
+
+def test_to_tfjs_needs_a_step_when_the_state_counts_none():
+  with pytest.raises(ValueError, match="pass step="):
+    interop.to_tfjs(presets.pytorch().init([jnp.ones(2)]))
+  assert int(interop.to_tfjs(presets.pytorch().init([jnp.ones(2)]), step=7)[0][1]) == 7
 
 
 # Errors -------------------------------------------------------------------------------

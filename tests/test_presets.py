@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -58,9 +59,11 @@ def test_keras_preset_has_keras_adadeltas_arguments_and_defaults():
 
   theirs = _defaults(keras.optimizers.Adadelta)
   ours = _defaults(presets.keras)
-  assert set(ours) == set(theirs) - {"name"}
+  # Keras's optimizer.exclude_from_weight_decay(var_names=...) is a keyword here.
+  assert set(ours) - {"exclude_from_weight_decay"} == set(theirs) - {"name"}
   for name, value in ours.items():
-    assert theirs[name] == value, name
+    if name != "exclude_from_weight_decay":
+      assert theirs[name] == value, name
 
 
 def test_paper_preset_is_algorithm_1():
@@ -195,6 +198,129 @@ def test_weight_decay_mask_function_decays_only_the_leaves_it_selects(decoupled)
     np.testing.assert_allclose(np.asarray(x[name]), expected, rtol=1e-10, atol=1e-12)
     if name != "w":  # where the mask says no, decay would have made a difference
       assert np.max(np.abs(expected - everywhere)) > 1e-3
+
+
+# Keras's learning rates: a zero-argument callable ---------------------------------------
+
+
+def _keras_problem(steps=6, seed=5):
+  rng = np.random.default_rng(seed)
+  shapes = {"kernel": (3, 2), "bias": (2,), "gamma": (2,)}
+  params = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+  grads = [
+    {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()} for _ in range(steps)
+  ]
+  return params, grads
+
+
+def _keras_trajectory(params, grads, exclude=None, **kwargs):
+  """keras.optimizers.Adadelta on variables named as the dict's keys (Keras 3, JAX)."""
+  import keras
+
+  variables = {k: keras.Variable(v.copy(), name=k) for k, v in params.items()}
+  optimizer = keras.optimizers.Adadelta(**kwargs)
+  if exclude is not None:
+    optimizer.exclude_from_weight_decay(var_names=exclude)
+  names = list(params)
+  out = []
+  for g in grads:
+    optimizer.apply([g[k].copy() for k in names], [variables[k] for k in names])
+    out.append({k: np.asarray(variables[k].value) for k in names})
+  return out
+
+
+def _our_trajectory(tx, params, grads, jit=True):
+  update = jax.jit(tx.update) if jit else tx.update
+  x = {k: jnp.asarray(v) for k, v in params.items()}
+  state, out = tx.init(x), []
+  for g in grads:
+    updates, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, x)
+    x = optax.apply_updates(x, updates)
+    out.append({k: np.asarray(v) for k, v in x.items()})
+  return out
+
+
+def _assert_same_trajectory(ours, theirs, rtol=2e-6):
+  for t, (a, b) in enumerate(zip(ours, theirs, strict=True)):
+    for k in b:
+      scale = np.max(np.abs(b[k]))
+      np.testing.assert_allclose(a[k], b[k], rtol=0, atol=rtol * scale, err_msg=f"step {t} {k}")
+
+
+def test_keras_preset_takes_a_zero_argument_learning_rate_as_live_keras_does():
+  parity.live_peer("keras")
+  params, grads = _keras_problem()
+  rate = lambda: 0.5  # Keras calls it with no arguments
+  theirs = _keras_trajectory(params, grads, learning_rate=rate, weight_decay=0.1)
+  ours = _our_trajectory(presets.keras(learning_rate=rate, weight_decay=0.1), params, grads)
+  _assert_same_trajectory(ours, theirs)
+  assert not np.allclose(theirs[-1]["kernel"], params["kernel"], atol=0.1)  # it moved
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_zero_argument_learning_rate_is_read_each_step_only_without_jit(jit):
+  """As Keras: an eager optimizer.apply calls it on every step; a compiled step (jax.jit
+  here, model.fit on JAX there) calls it once, while tracing."""
+  params, grads = _keras_problem(steps=2)
+  setting = {"rate": 0.5}
+  tx = presets.keras(learning_rate=lambda: setting["rate"])
+  update = jax.jit(tx.update) if jit else tx.update
+  x = {k: jnp.asarray(v) for k, v in params.items()}
+  state = tx.init(x)
+  moved = []
+  for g in grads:
+    updates, state = update({k: jnp.asarray(v) for k, v in g.items()}, state, x)
+    moved.append(float(jnp.max(jnp.abs(updates["kernel"]))))
+    setting["rate"] = 0.0
+  assert moved[0] > 0
+  assert (moved[1] > 0) == jit  # under jit the value read while tracing stays
+
+
+# Keras's exclude_from_weight_decay ------------------------------------------------------
+
+
+@pytest.mark.parametrize("exclude", [["bias"], ["bias", "gam+a"], ["ker"], []])
+def test_keras_preset_excludes_variables_from_decay_as_live_keras(exclude):
+  parity.live_peer("keras")
+  params, grads = _keras_problem()
+  kwargs = {"learning_rate": 1.0, "weight_decay": 0.2}
+  theirs = _keras_trajectory(params, grads, exclude=exclude, **kwargs)
+  ours = _our_trajectory(presets.keras(**kwargs, exclude_from_weight_decay=exclude), params, grads)
+  _assert_same_trajectory(ours, theirs)
+  everything = _keras_trajectory(params, grads, **kwargs)
+  pattern = "|".join(exclude)
+  for name in params:  # the exclusion made a difference exactly where a name matched
+    excluded = bool(exclude) and re.search(pattern, name) is not None
+    assert excluded == (np.max(np.abs(theirs[-1][name] - everything[-1][name])) > 1e-3), name
+
+
+def test_exclude_from_weight_decay_matches_the_last_key_of_a_flax_nnx_path():
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.LayerNorm(3, rngs=nnx.Rngs(0)))
+  before = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  tx = presets.keras(learning_rate=1.0, weight_decay=0.5, exclude_from_weight_decay=["bias"])
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  zero = jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param))
+  optimizer.update(model, zero)  # zero gradients: only the decay moves anything
+  after = {k: np.asarray(v) for k, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  for path, value in before.items():
+    if path[-1] == "bias":
+      np.testing.assert_array_equal(after[path], value)
+    else:
+      np.testing.assert_allclose(after[path], value * 0.5, rtol=1e-6)  # x − η·λ·x
+
+
+@pytest.mark.parametrize(
+  ("exclude", "error", "pattern"),
+  [
+    ("bias", TypeError, r"exclude_from_weight_decay must be a list of strings.*'bias'"),
+    ([1], TypeError, r"exclude_from_weight_decay must be a list of strings"),
+    (["bias("], ValueError, r"exclude_from_weight_decay=\['bias\('\] is not a valid"),
+  ],
+)
+def test_exclude_from_weight_decay_rejects_what_is_not_a_list_of_patterns(exclude, error, pattern):
+  with pytest.raises(error, match=pattern):
+    presets.keras(weight_decay=0.1, exclude_from_weight_decay=exclude)
 
 
 # Errors --------------------------------------------------------------------------------
