@@ -18,7 +18,10 @@ at most N·2⁻²⁴ of E[Δx²] after N steps, half that in |Δx|; 2·N·2⁻²
 stochastically they are unbiased but their variance adds up: a value growing through
 codes of relative spacing r gathers a relative variance of about r/2 (each crossing of a
 spacing adds its width times the increment), so |Δx| has a relative sd of ½·√(r/2):
-1.6 % for bfloat16 (r = 2⁻⁷), 9.2 % for 8-bit (r = 2^(24/254) − 1 = 6.8 %); 5 sd allowed.
+3.1 % for bfloat16 (r = 2⁻⁷), 9.2 % for 8-bit (r = 2^(24/254) − 1 = 6.8 %); 5 sd allowed
+(measured at 10,000 steps, bfloat16: sd 2.5 %, worst of 512 coordinates 13 %). Where g² is
+not on the grid, E[g²]'s own rounding noise also enters E[Δx²]'s growth, a random walk whose
+variance grows with the steps: past 10,000 steps the bound grows as √(steps / 10,000).
 
 Long profile (`--run-slow`): twice the steps, a 2× larger quadratic, three seeds (the noise
 is drawn in advance: 20,000 × 2,048 float32, 160 MB).
@@ -110,7 +113,7 @@ def mixed_tolerance(fmt: str, num_steps: int) -> float:
   """The largest |ratio − 1| allowed for a coordinate's |Δx| (the module's docstring)."""
   if fmt in FLOAT_FORMATS:
     return 2 * num_steps * 2.0**-24
-  return 5 * 0.5 * np.sqrt(RELATIVE_SPACING[fmt] / 2)
+  return 5 * 0.5 * np.sqrt(RELATIVE_SPACING[fmt] / 2) * np.sqrt(max(1.0, num_steps / 10_000))
 
 
 @pytest.mark.parametrize(("profile", "seed", "hyper", "fmt"), list(_cases("mixed")))
