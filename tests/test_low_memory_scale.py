@@ -140,6 +140,7 @@ def _flat(tree):
 
 
 @needs_eight_devices
+@pytest.mark.slow
 def test_two_processes_train_the_8bit_state_as_one_process_does(tmp_path):
   port = _free_port()
   out = tmp_path / "p.npz"

@@ -143,6 +143,7 @@ def single_device_params(example):
   return {name: np.asarray(value) for name, value in params.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_processes", [2, 4])
 def test_processes_joined_by_jax_distributed_match_a_single_device_run(
   num_processes, example, single_device_params, uninterrupted
@@ -157,6 +158,7 @@ def test_processes_joined_by_jax_distributed_match_a_single_device_run(
   assert not np.allclose(got["w1"], example.init_params()["w1"], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_processes_resumed_from_an_orbax_checkpoint_match_the_uninterrupted_run_bit_for_bit(
   uninterrupted, tmp_path
 ):
@@ -178,6 +180,7 @@ def test_a_worker_that_dies_fails_the_run_fast_with_its_stderr(tmp_path):
   assert "worker 1 could not start: no data" in str(failure.value)
 
 
+@pytest.mark.slow
 def test_a_two_process_checkpoint_resumes_in_one_process_and_back(example, uninterrupted, tmp_path):
   """2 processes (4 devices) -> this process (1 device) -> 2 processes again: each restore
   reads the arrays into the new topology, and the runs continue to the uninterrupted

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -46,6 +47,7 @@ def test_pytorch_preset_follows_torch_on_random_problems(
   )
 
 
+@pytest.mark.slow
 @settings(max_examples=12)
 @given(
   shapes=shapes,
