@@ -12,13 +12,15 @@ a logarithmic code over 24 octaves of E below the block's maximum (12 of the roo
 square √E, which is what Adadelta uses: √(E[Δx²]+ε)/√(E[g²]+ε)). Adjacent codes differ by
 the factor 2^γ = 1.068, so rounding to the nearer code changes E by at most 3.3 % and
 √(E+ε) by at most 1.65 %, whatever the block's range; the block's maximum is exact, a zero
-block is exact. Values under S·2⁻²⁴ round to 0 or to E(1).
+block is exact. Values under S·2⁻²⁴ round to 0 or to E(1); E[g²]'s to E(1) only.
 
 Rounded stochastically, E goes to the upper code with probability
 p = (E − E(c))/(E(c+1) − E(c)), so the stored E is E on average. E[Δx²] is stored so. E[g²]'s
-p is lifted by ρ/(1+ρ)·p(1 − p)·(E(c+1) − E(c))/(E + ε) (:func:`lift_weight`): the rounding
+p is lifted by ½·ρ/(1+ρ)·p(1 − p)·(E(c+1) − E(c))/(E + ε) (:func:`lift_weight`): the rounding
 noise that the running average keeps would otherwise make 1/(E[g²] + ε), and with it every
-step, a few percent too large on average.
+step, a few percent too large on average. Both averages of a coordinate are rounded with
+one uniform number (`_low_memory.update_quantized`). A positive E[g²] under the floor
+S·2⁻²⁴ is coded 1, never 0 (`floor_up`).
 """
 
 from __future__ import annotations
@@ -59,9 +61,10 @@ def is_quantized(x: Any) -> bool:
 
 
 def block_size(shard_last: int) -> int | None:
-  """The largest divisor of a shard's last axis up to MAX_BLOCK, or None below MIN_BLOCK."""
-  size = max(d for d in range(1, min(MAX_BLOCK, shard_last) + 1) if shard_last % d == 0)
-  return size if size >= MIN_BLOCK else None
+  """The largest divisor of a shard's last axis up to MAX_BLOCK, or None below MIN_BLOCK
+  (an empty axis included: a zero-size leaf has no block to scale)."""
+  divisors = [d for d in range(MIN_BLOCK, min(MAX_BLOCK, shard_last) + 1) if shard_last % d == 0]
+  return max(divisors, default=None)
 
 
 def blocks_of(x: jax.Array, blocks: int) -> jax.Array:
@@ -140,6 +143,8 @@ def quantize(
   blocks: int,
   bits: jax.Array | None,
   lift: tuple[jax.Array, jax.Array] | None = None,
+  *,
+  floor_up: bool = False,
 ) -> QuantizedAverage:
   """Codes for non-negative float32 `values`, rounded up with probability p.
 
@@ -153,6 +158,11 @@ def quantize(
   instead, above code 0, so the stored E is on average higher than E by w·Var/(E + ε),
   Var = (E − E(c))(E(c + 1) − E) the rounding's variance (see `lift_weight`); computed with
   one division, as p is.
+
+  `floor_up` (for E[g²]): a positive value under the block's floor level(1)·S gets code 1,
+  never 0. Adadelta's step divides by √(E[g²] + ε): an E[g²] read as 0 while g² is not
+  lets Δx² reach g²·(E[Δx²] + ε)/ε and E[Δx²] grow geometrically (docs/guides/low_memory.md,
+  "Small values in a large block"); read as the floor, the step can only be shorter.
   """
   grouped = blocks_of(values.astype(jnp.float32), blocks)
   scale = _block_max(grouped)
@@ -169,20 +179,25 @@ def quantize(
     weight = jnp.where(low > 0, weight, 0.0)
     p = (x - below) * (floor + weight * (above - x)) / (spread * floor)
   threshold = 0.5 if bits is None else blocks_of(to_uniform(bits), blocks)
-  codes = jnp.where(grouped >= scale, 255, low + (p > threshold).astype(jnp.int32))
+  rounded = low + (p > threshold).astype(jnp.int32)
+  if floor_up:
+    rounded = jnp.maximum(rounded, (x > 0).astype(jnp.int32))
+  codes = jnp.where(grouped >= scale, 255, rounded)
   return QuantizedAverage(codes.astype(jnp.uint8).reshape(values.shape), scale[..., 0])
 
 
 def lift_weight(rho: Any) -> jax.Array:
-  """w = ρ/(1 + ρ) in float32: the lift of E[g²]'s stochastic rounding (`quantize`).
+  """w = ½·ρ/(1 + ρ) in float32: the lift of E[g²]'s stochastic rounding (`quantize`).
 
   Each rounding adds noise of variance Var to the stored E[g²]; the running average keeps
   it, ρᵏ-weighted, so the E[g²] a step uses carries Σₖ ρ²ᵏ·Var = ρ²/(1 − ρ²)·Var of it,
-  and 1/(E[g²] + ε), convex, is on average higher by that over (E + ε)³ (to second order):
-  every step and E[Δx²] would run long. A mean higher by δ lowers 1/(E[g²] + ε) by
-  δ/(E + ε)²; each rounding's mean raised by w·Var/(E + ε) accumulates to
-  δ = Σₖ ρᵏ·w·Var/(E + ε) = ρ/(1 − ρ)·w·Var/(E + ε), which cancels the convexity's term
-  when w = ρ/(1 + ρ).
+  and 1/(E[g²] + ε), convex, is on average higher by that over (E + ε)³ (to second order).
+  A mean higher by δ lowers 1/(E[g²] + ε) by δ/(E + ε)²; each rounding's mean raised by
+  w·Var/(E + ε) accumulates to δ = ρ/(1 − ρ)·w·Var/(E + ε), which cancels that term when
+  w = ρ/(1 + ρ). But E[Δx²] is rounded with the same uniform number (`update_quantized`):
+  its error covaries with E[g²]'s, which lowers (E[Δx²] + ε)/(E[g²] + ε) by the
+  covariance, on average half the variance (E[min(p, p′) − p·p′] = 1/12 against
+  E[p(1 − p)] = 1/6 for independent positions p, p′ between codes): half the lift is left.
   """
   rho = jnp.asarray(rho, jnp.float32)
-  return rho / (1.0 + rho)
+  return 0.5 * (rho / (1.0 + rho))

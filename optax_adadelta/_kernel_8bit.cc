@@ -10,8 +10,10 @@
 //   scale  <- the block's largest new E (NaN if one is NaN); x = E · (1/scale)
 //   code   <- c + (p > u), c the largest code with level(c) <= x (<= 254),
 //             p = (x − level(c)) / (level(c + 1) − level(c)), u = 1/2 or
-//             (16 random bits + ½)/2¹⁶; 255 for the block's largest value; E[g²]'s p,
-//             rounded stochastically and c > 0, lifted by ρ/(1+ρ)·p(1−p)·spread/(x + ε/S)
+//             (16 random bits + ½)/2¹⁶, the same u for both averages of a coordinate;
+//             255 for the block's largest value; E[g²]'s p, rounded stochastically and
+//             c > 0, lifted by ½·ρ/(1+ρ)·p(1−p)·spread/(x + ε/S); E[g²] under the block's
+//             floor level(1) (and above 0) coded 1, never 0
 //
 // the operations of `_codes_8bit.quantize` and `dequantize` in their order, so that the
 // kernel and XLA store the same codes (the random bits are the same hash of the key and the
@@ -40,7 +42,7 @@ constexpr int kBias = 1400;              // _codes_8bit._BIAS
 struct Hyper {
   float rho, one_minus_rho, eps;
   bool stochastic;
-  float lift;  // _codes_8bit.lift_weight: ρ/(1 + ρ)
+  float lift;  // _codes_8bit.lift_weight: ½·ρ/(1 + ρ)
 };
 
 // _codes_8bit._POLYNOMIAL, as float32 (the values XLA's constants round to).
@@ -121,9 +123,11 @@ __attribute__((always_inline)) inline float BlockMax(const float* values, std::i
 }
 
 // Codes for the block's new averages `values`; returns its scale. `bits`: 16 random bits per
-// value at `shift` (stochastic rounding), else rounded to the nearer code. kLift: E[g²]'s
-// rounding, its probability raised by weight·p(1 − p)·spread/(x + ε/S) above code 0.
-template <bool kFma, bool kStochastic, bool kLift>
+// value at `shift` (stochastic rounding), else rounded to the nearer code. kSquaredGradient:
+// E[g²]'s rounding, a positive value under the floor level(1)·S coded 1, never 0, and,
+// rounded stochastically, its probability raised by weight·p(1 − p)·spread/(x + ε/S) above
+// code 0 (`_codes_8bit.quantize`'s floor_up and lift).
+template <bool kFma, bool kStochastic, bool kSquaredGradient>
 __attribute__((always_inline)) inline float Quantize(const float* values, std::int64_t n,
                                                      std::uint8_t* codes, const std::uint32_t* bits,
                                                      int shift, float weight, float eps) {
@@ -136,7 +140,7 @@ __attribute__((always_inline)) inline float Quantize(const float* values, std::i
     const float above = Level<kFma>(low + 1);
     const float spread = above - below;
     float p;
-    if (kLift) {  // p + w·p(1 − p)·spread/floor, with one division
+    if (kStochastic && kSquaredGradient) {  // p + w·p(1 − p)·spread/floor, one division
       const float floor = kFma ? std::fma(eps, inverse, x) : x + eps * inverse;
       const float w = low > 0 ? weight : 0.0f;
       const float lifted = kFma ? std::fma(w, above - x, floor) : floor + w * (above - x);
@@ -148,7 +152,8 @@ __attribute__((always_inline)) inline float Quantize(const float* values, std::i
     if (kStochastic) {
       u = (static_cast<float>((bits[i] >> shift) & 0xFFFFu) + 0.5f) * (1.0f / 65536.0f);
     }
-    const int rounded = low + static_cast<int>(p > u);
+    int rounded = low + static_cast<int>(p > u);
+    if (kSquaredGradient) rounded = std::max(rounded, static_cast<int>(x > 0.0f));
     const int code = values[i] >= scale ? 255 : rounded;
     codes[i] = static_cast<std::uint8_t>(code);
   }
@@ -193,10 +198,10 @@ __attribute__((always_inline)) inline void UpdateBlocks(const Leaf& l, std::int6
       l.scale_out[0][b] =
           Quantize<kFma, true, true>(e_g2, n, l.codes_out[0] + o, bits, 16, h.lift, h.eps);
       l.scale_out[1][b] =
-          Quantize<kFma, true, false>(e_dx2, n, l.codes_out[1] + o, bits, 0, 0.0f, 0.0f);
+          Quantize<kFma, true, false>(e_dx2, n, l.codes_out[1] + o, bits, 16, 0.0f, 0.0f);
     } else {
       l.scale_out[0][b] =
-          Quantize<kFma, false, false>(e_g2, n, l.codes_out[0] + o, bits, 16, 0.0f, 0.0f);
+          Quantize<kFma, false, true>(e_g2, n, l.codes_out[0] + o, bits, 16, 0.0f, 0.0f);
       l.scale_out[1][b] =
           Quantize<kFma, false, false>(e_dx2, n, l.codes_out[1] + o, bits, 0, 0.0f, 0.0f);
     }
@@ -289,7 +294,7 @@ ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
       tasks.push_back({leaves.size() - 1, b, std::min(blocks, b + per_task)});
     }
   }
-  const Hyper h{rho, one_minus_rho, eps, stochastic, rho / (1.0f + rho)};
+  const Hyper h{rho, one_minus_rho, eps, stochastic, 0.5f * (rho / (1.0f + rho))};
   const bool fma = HasFma();
   ParallelFor(pool, static_cast<std::int64_t>(tasks.size()), [&](std::int64_t c) {
     const Task& task = tasks[c];

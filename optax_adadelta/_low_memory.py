@@ -108,6 +108,8 @@ def _leaf_blocks(p: Any, min_8bit_size: int) -> int | None:
   dtype = jnp.result_type(p)
   if not jnp.issubdtype(dtype, jnp.floating) or p.ndim == 0 or p.size < min_8bit_size:
     return None
+  if p.size == 0:  # nothing to scale: an empty full-precision state costs no bytes
+    return None
   size = block_size(_shard_last(p))
   return None if size is None else p.shape[-1] // size
 
@@ -123,13 +125,20 @@ def update_quantized(
   g, a, b, key = leaf
   step, a_new, b_new = update_leaf(g, dequantize(a), dequantize(b))
   if not stochastic:
-    return step, quantize(a_new, a.scale.shape[-1], None), quantize(b_new, b.scale.shape[-1], None)
-  bits = bits_from_key(key, g.shape)
+    return (
+      step,
+      quantize(a_new, a.scale.shape[-1], None, floor_up=True),
+      quantize(b_new, b.scale.shape[-1], None),
+    )
+  # One uniform number rounds both averages of a coordinate: each stays unbiased, and their
+  # ratio, all that the step uses, carries the least rounding noise the codes allow (the
+  # guide's "Long runs": independent draws let it drift until a coordinate oscillates).
+  shared = bits_from_key(key, g.shape) >> 16
   lift = (lift_weight(rho), jnp.asarray(eps, jnp.float32))
   return (
     step,
-    quantize(a_new, a.scale.shape[-1], bits >> 16, lift),
-    quantize(b_new, b.scale.shape[-1], bits & jnp.uint32(0xFFFF)),
+    quantize(a_new, a.scale.shape[-1], shared, lift, floor_up=True),
+    quantize(b_new, b.scale.shape[-1], shared),
   )
 
 

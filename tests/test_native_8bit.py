@@ -219,3 +219,38 @@ def test_gradients_through_the_update_are_xlas():
   got = jax.jit(jax.grad(functools.partial(loss, implementation="native")))(g)
   want = jax.jit(jax.grad(functools.partial(loss, implementation="jax")))(g)
   np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("stochastic", [True, False], ids=["stochastic", "nearest"])
+def test_a_small_gradient_under_the_block_floor_keeps_xlas_codes_and_a_bounded_step(stochastic):
+  """#22 item 2 through the kernel: |g| = 10 in a block but 2e-3 and 1e-4, whose E[g²] lie
+  under the block's floor S·2⁻²⁴ and are coded 1, never 0. 1,000 steps in one scan, by the
+  kernel and by XLA: the same state; the small coordinates' |Δx| stays within 1.5× of
+  float64's (0.002 and 1e-4; rounded to nearest, E[Δx²] runs 1.3× long), where it reached
+  4.7e6 by step 2,000 when E[g²] could read 0."""
+  magnitudes = np.full((2, 256), 10.0, np.float32)
+  magnitudes[:, 7], magnitudes[:, 100] = 2e-3, 1e-4
+  signs = np.where(np.random.default_rng(0).random((1000, 2, 256)) < 0.5, -1.0, 1.0)
+  grads = jnp.asarray(signs * magnitudes, jnp.float32)
+  txs = _txs(stochastic_rounding=stochastic, min_8bit_size=0)
+  out = {}
+  for name, tx in txs.items():
+    run = lambda state, gs, tx=tx: jax.lax.scan(lambda s, g: tx.update(g, s)[::-1], state, gs)
+    out[name] = jax.jit(run)(tx.init(jnp.zeros((2, 256))), grads)
+  _assert_close(out["native"], out["jax"], jaxlib.__version__ in BIT_IDENTICAL_ON)
+  steps = np.abs(np.asarray(out["native"][1]))
+  assert steps[:, :, 7].max() <= 1.5 * 0.002 and steps[:, :, 100].max() <= 1.5 * 1e-4
+  assert np.asarray(out["native"][0].e_g2.codes)[:, [7, 100]].min() == 1
+
+
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (0, 256)])
+def test_zero_size_leaves_beside_8_bit_leaves_in_one_kernel_call(shape):
+  """#22 item 8: an empty leaf keeps an empty full-precision state; the others use the kernel."""
+  tx = optax_adadelta.scale_by_adadelta(state_bits=8, min_8bit_size=0, implementation="native")
+  params = {"empty": jnp.zeros(shape), "w": jnp.zeros((2, 256))}
+  state = tx.init(params)
+  grads = {"empty": jnp.zeros(shape), "w": jnp.ones((2, 256))}
+  assert _kernel_calls(tx.update, grads, state) == 1
+  updates, _ = jax.jit(tx.update)(grads, state)
+  assert updates["empty"].shape == shape
+  np.testing.assert_allclose(updates["w"], np.sqrt(1e-6 / (0.05 + 1e-6)), rtol=1e-6)
