@@ -5,10 +5,10 @@
 // widened exactly and results rounded to nearest even, as XLA does):
 //
 //   E[g²]  <- ρ E[g²] + (1−ρ) g²
-//   Δx     <- g · √((E[Δx²] + ε) / (E[g²] + ε))      (E[Δx²] still the previous one)
+//   Δx     <- g / √(E[g²] + ε) · √(E[Δx²] + ε)      (E[Δx²] still the previous one: `Step`)
 //   E[Δx²] <- ρ E[Δx²] + (1−ρ) Δx²
 //
-// the operations of `_rules.default_rule`, in its order. XLA's CPU backend contracts
+// the operations of `_rules.default`, in its order. XLA's CPU backend contracts
 // ρ·E + (1−ρ)·x² into a fused multiply-add where the CPU has one; MulAdd does the same, so
 // the results match XLA's to the bit there (and to 1 ulp anywhere). Built for the baseline
 // ISA with clones for AVX2+FMA and AVX-512 chosen at load time (x86-64 Linux), so one build
@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "_kernel_common.h"
@@ -42,9 +43,13 @@ __attribute__((always_inline)) inline void UpdateRange(const G* g, const S* e_g2
     const float old_e_dx2 = Widen(e_dx2[i]);
     const float g2 = h.one_minus_rho * (grad * grad);
     const float avg_g2 = kFma ? std::fma(h.rho, Widen(e_g2[i]), g2) : h.rho * Widen(e_g2[i]) + g2;
-    const float delta = grad * std::sqrt((old_e_dx2 + h.eps) / (avg_g2 + h.eps));
+    const float delta = Step(grad, avg_g2, h.eps, old_e_dx2 + h.eps);
     const float dx2 = h.one_minus_rho * (delta * delta);
-    const float avg_dx2 = kFma ? std::fma(h.rho, old_e_dx2, dx2) : h.rho * old_e_dx2 + dx2;
+    // A bfloat16 E[Δx²] XLA computes in a loop of its own, where LLVM fuses the other product.
+    const float avg_dx2 = !kFma ? h.rho * old_e_dx2 + dx2
+                          : std::is_same_v<S, bf16_bits>
+                              ? std::fma(h.one_minus_rho, delta * delta, h.rho * old_e_dx2)
+                              : std::fma(h.rho, old_e_dx2, dx2);
     Narrow(delta, &step[i]);
     Narrow(avg_g2, &new_e_g2[i]);
     Narrow(avg_dx2, &new_e_dx2[i]);

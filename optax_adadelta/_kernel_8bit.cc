@@ -182,7 +182,7 @@ __attribute__((always_inline)) inline void UpdateBlocks(const Leaf& l, std::int6
       const float avg_g2 =
           kFma ? std::fma(h.one_minus_rho, grad * grad, h.rho * old_e_g2) : h.rho * old_e_g2 + g2;
       const float dx2_eps = kFma ? std::fma(level_dx2, scale_dx2, h.eps) : old_e_dx2 + h.eps;
-      const float delta = grad * std::sqrt(dx2_eps / (avg_g2 + h.eps));
+      const float delta = Step(grad, avg_g2, h.eps, dx2_eps);
       const float dx2 = h.one_minus_rho * (delta * delta);
       e_g2[i] = avg_g2;
       e_dx2[i] = kFma ? std::fma(h.one_minus_rho, delta * delta, h.rho * old_e_dx2)

@@ -1,5 +1,6 @@
-// What the native kernels (_kernel.cc, _kernel_8bit.cc) share: bfloat16 conversions,
-// the instruction-set clones, the FMA question and a parallel loop on XLA's thread pool.
+// What the native kernels (_kernel.cc, _kernel_8bit.cc) share: Adadelta's step, bfloat16
+// conversions, the instruction-set clones, the FMA question and a parallel loop on XLA's
+// thread pool.
 
 #ifndef OPTAX_ADADELTA_KERNEL_COMMON_H_
 #define OPTAX_ADADELTA_KERNEL_COMMON_H_
@@ -57,6 +58,15 @@ inline bool HasFma() {
 #else
   return false;
 #endif
+}
+
+// Adadelta's step Δx = (g / √(E[g²] + ε)) · √(E[Δx²] + ε), given the new E[g²] and
+// E[Δx²] + ε (the 8-bit kernel fuses that sum as XLA does there), in the order of
+// `_rules.default` and with correctly rounded operations only, so XLA gives the same bits.
+// |g| / √(E[g²] + ε) <= 1/√(1 − ρ) cannot underflow for a large finite gradient, as one root of
+// (E[Δx²] + ε)/(E[g²] + ε) did (to 0 from |g| ≈ 1e17 at ρ = 0.95).
+inline float Step(float grad, float e_g2, float eps, float e_dx2_plus_eps) {
+  return grad / std::sqrt(e_g2 + eps) * std::sqrt(e_dx2_plus_eps);
 }
 
 // Runs body(c) for c in [0, chunks) on the calling thread and XLA's intra-op pool. The caller

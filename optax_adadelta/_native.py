@@ -24,6 +24,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import json
+import logging
 import os
 import shutil
 import subprocess
@@ -64,6 +66,12 @@ _SUPPORTED = {  # (gradient, state) dtypes
   (np.dtype(jnp.bfloat16), np.dtype(np.float32)),
   (np.dtype(jnp.bfloat16), np.dtype(jnp.bfloat16)),
 }
+# What compiling both kernels took, measured (see docs/performance.md); said when it starts.
+COMPILE_TIME = "15-17 s of one core, a minute or more on a busy machine"
+# The package's logger. Compiling and falling back are said at WARNING, the level Python shows
+# with no logging configured (in a terminal and in a notebook's cell output): a first step that
+# stalls silently for many seconds, or a kernel that cannot be used, should be seen.
+_log = logging.getLogger("optax_adadelta")
 Hyper = tuple[float, float, float]  # rho, 1 - rho, eps
 Leaf = tuple[jax.Array, jax.Array, jax.Array]
 
@@ -73,8 +81,43 @@ def _cache_dir() -> Path:
   return Path(os.environ.get("OPTAX_ADADELTA_CACHE") or default)
 
 
+def _digest(path: Path) -> str:
+  return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _verified(record: Path) -> tuple[Path | None, str | None]:
+  """The library a build record names, if its size and SHA-256 are the recorded ones.
+
+  Else (None, what is wrong), or (None, None) where nothing was built yet. dlopen of a
+  truncated library kills the process with SIGBUS, so nothing unverified is loaded.
+  """
+  if not record.exists():
+    orphans = sorted(p.name for p in record.parent.glob(f"{record.stem}*.so"))
+    return None, f"{orphans[0]} has no build record {record.name}" if orphans else None
+  try:
+    meta = json.loads(record.read_text())
+    library = record.with_name(meta["library"])
+    if library.name != meta["library"]:  # a bare file name in the cache, nothing else
+      raise ValueError(f"library {meta['library']!r} is not a file name")
+    size, digest = meta["size"], meta["sha256"]
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    return None, f"build record {record.name} is unreadable ({error})"
+  if not library.exists():
+    return None, f"{library.name}, named by {record.name}, is missing"
+  if library.stat().st_size != size:
+    return None, f"{library.name} has {library.stat().st_size} bytes, {size} when built"
+  if _digest(library) != digest:
+    return None, f"{library.name} is not the file that was built (SHA-256 differs)"
+  return library, None
+
+
 def _build() -> Path:
-  """The kernel's shared library, compiled into the cache unless it is there already."""
+  """The kernels' shared library: a verified cached build, or compiled into the cache now.
+
+  Race-safe: each process compiles into its own temporary file, renames it to a name made of
+  its hash (so a rename never replaces a file with different bytes), then publishes the
+  build record (size, SHA-256) by another atomic rename.
+  """
   compiler = shutil.which(os.environ.get("CXX", "c++"))
   if compiler is None:
     raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')!r} not found; set CXX)")
@@ -89,41 +132,66 @@ def _build() -> Path:
       ]
     )
   ).hexdigest()[:16]
-  library = _cache_dir() / f"kernel-{key}.so"
-  if library.exists():
+  record = _cache_dir() / f"kernel-{key}.json"
+  library, problem = _verified(record)
+  if library is not None:
     return library
-  library.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=library.parent) as scratch:
-    built = Path(scratch) / library.name
+  if problem:
+    _log.warning("optax_adadelta: the cached native kernel is unusable, rebuilding: %s", problem)
+  record.parent.mkdir(parents=True, exist_ok=True)
+  _log.warning(
+    "optax_adadelta: compiling the native CPU kernels (%s, once per machine, jaxlib and "
+    "release) into %s; to do it ahead of time: python -m optax_adadelta.build_native",
+    COMPILE_TIME,
+    record.parent,
+  )
+  with tempfile.TemporaryDirectory(dir=record.parent) as scratch:
+    built = Path(scratch) / "kernel.so"
     command = [compiler, *_FLAGS, "-isystem", include, *map(str, _SOURCES), "-o", str(built)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-      raise RuntimeError(f"compiling {_SOURCES[0].name} failed: {result.stderr.strip()[-2000:]}")
-    os.replace(built, library)  # atomic: concurrent processes see all of it or none
+    if result.returncode != 0 or not built.exists():
+      failure = f"compiling {_SOURCES[0].name} failed: {result.stderr.strip()[-2000:]}"
+      raise RuntimeError(f"{problem}; {failure}" if problem else failure)
+    digest, size = _digest(built), built.stat().st_size
+    name = f"{record.stem}-{digest[:16]}.so"
+    os.replace(built, record.with_name(name))
+    written = Path(scratch) / "record.json"
+    written.write_text(json.dumps({"library": name, "size": size, "sha256": digest}))
+    os.replace(written, record)
+  library, problem = _verified(record)
+  if library is None:  # another process published a different build since: not ours to judge
+    raise RuntimeError(f"the kernel just built failed its check: {problem}")
   return library
 
 
 @functools.cache
 def unavailable_reason() -> str | None:
-  """Why the native kernel cannot be used in this process, or None if it can."""
+  """Why the native kernel cannot be used in this process, or None if it can (logged once)."""
   if os.environ.get("OPTAX_ADADELTA_NATIVE") == "0":
-    return "disabled by OPTAX_ADADELTA_NATIVE=0"
-  if os.name == "nt":
-    return "the native kernel is built on Linux and macOS only"
-  try:
-    library = ctypes.cdll.LoadLibrary(str(_build()))
-    jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(library.optax_adadelta_update))
-    jax.ffi.register_ffi_target(TARGET_8BIT, jax.ffi.pycapsule(library.optax_adadelta_update_8bit))
-  except (OSError, RuntimeError, AttributeError) as error:
-    return f"the native kernel could not be built or loaded: {error}"
-  return None
+    reason, level = "disabled by OPTAX_ADADELTA_NATIVE=0", logging.INFO
+  elif os.name == "nt":
+    reason, level = "the native kernel is built on Linux and macOS only", logging.INFO
+  else:
+    try:
+      library = ctypes.cdll.LoadLibrary(str(_build()))
+      capsules = (library.optax_adadelta_update, library.optax_adadelta_update_8bit)
+      jax.ffi.register_ffi_target(_TARGET, jax.ffi.pycapsule(capsules[0]))
+      jax.ffi.register_ffi_target(TARGET_8BIT, jax.ffi.pycapsule(capsules[1]))
+      return None
+    except (OSError, RuntimeError, AttributeError) as error:
+      reason = f"the native kernel could not be built or loaded: {error}"
+      level = logging.WARNING  # something to fix: say it where it is seen
+  _log.log(level, "optax_adadelta: using XLA's update (same results, slower): %s", reason)
+  return reason
 
 
 def is_available() -> bool:
   """Whether ``adadelta()`` can use the native CPU kernel in this process.
 
-  The kernel is compiled on first use (a few seconds, then cached); where it cannot be,
-  everything runs on pure JAX with the same results, and
+  The kernels are compiled on first use and cached: 15-17 s of one core's time, measured on a
+  2-core AMD EPYC (35-62 s wall there while other jobs kept it busy; see docs/performance.md),
+  announced by a log warning. ``python -m optax_adadelta.build_native`` does it ahead of time.
+  Where they cannot be built, everything runs on pure JAX with the same results, and
   ``adadelta(implementation="native")`` raises with the reason.
   """
   return unavailable_reason() is None

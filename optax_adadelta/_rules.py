@@ -12,15 +12,30 @@ from __future__ import annotations
 from typing import Literal, TypeAlias
 
 import jax.numpy as jnp
+from jax import lax
 
 UpdateRule: TypeAlias = Literal["default", "pytorch", "keras", "tfjs", "tf1", "d2l"]
 
 
 def default(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  """One square root per coordinate (what the native CPU kernel computes, in this order)."""
+  """(g / √(E[g²]+ε)) · √(E[Δx²]+ε): what the native CPU kernels compute, in this order.
+
+  |g| / √(E[g²]+ε) is at most 1/√(1−ρ), so a large finite gradient cannot underflow it (the
+  single root of (E[Δx²]+ε)/(E[g²]+ε) flushed to 0 from |g| ≈ 1e17 at ρ = 0.95). Where g²
+  overflows (|g| ≳ 1.8e19 in float32) E[g²] is +inf and the step 0, as in PyTorch and Keras:
+  the NaN-guard section of docs/precision.md says how to catch it.
+  """
   e_g2 = rho * e_g2 + one_minus_rho * (g * g)
-  step = g * jnp.sqrt((e_dx2 + eps) / (e_g2 + eps))
+  step = g / _root(e_g2 + eps) * jnp.sqrt(e_dx2 + eps)
   return step, e_g2, rho * e_dx2 + one_minus_rho * (step * step)
+
+
+def _root(x):
+  """√x as a divisor. XLA rewrites a / √x as a · rsqrt(x), which it computes on CPU by an
+  approximation the kernel cannot repeat; rounding the root to its own precision (a no-op
+  that XLA keeps, and emits no code for) leaves the correctly rounded divide."""
+  info = jnp.finfo(x.dtype)
+  return lax.reduce_precision(jnp.sqrt(x), exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def pytorch(g, e_g2, e_dx2, rho, one_minus_rho, eps):

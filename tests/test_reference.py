@@ -198,3 +198,76 @@ def test_schedules_for_learning_rate_and_weight_decay_follow_the_reference():
       decoupled=decoupled,
     )
     assert_matches_reference(run_ours(tx, params, grads), ref, rtol=1e-9)
+
+
+# Gradients whose single root √((E[Δx²]+ε)/(E[g²]+ε)) underflowed to 0 in float32 (from about
+# 1e17 at ρ = 0.95), and ordinary and tiny ones. Each is one leaf's constant gradient, 4 steps.
+LARGE_FINITE = [1e17, -1e18, 1e19, 1.8e19]
+ORDINARY = [1e-30, -1e-20, 1e-3, -1.0, 1e3, 1e10]
+# g² overflows float32 here: E[g²] is +inf and the step 0 (PyTorch's and Keras's too).
+OVERFLOWING = [1.9e19, -3e19, 1e30]
+IMPLEMENTATIONS = ["jax", "native"]
+
+
+def _four_steps(g: float, implementation: str):
+  if implementation == "native" and not optax_adadelta.native_available():
+    pytest.skip("the native kernel is not available here")
+  tx = optax_adadelta.adadelta(rho=0.95, eps=1e-6, implementation=implementation)
+  params = jnp.zeros(8, jnp.float32)
+  return run_ours(tx, params, [jnp.full(8, g, jnp.float32)] * 4)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("g", LARGE_FINITE + ORDINARY)
+def test_large_and_small_finite_gradients_take_the_reference_step(g, implementation):
+  _, state, steps = _four_steps(g, implementation)
+  g32 = float(np.float32(g))
+  want = reference.run([np.zeros(8)], [[np.full(8, g32)]] * 4, rho=0.95, eps=1e-6)
+  for t in range(4):
+    np.testing.assert_allclose(steps[t][0], want.steps[t][0], rtol=1e-5, err_msg=f"step {t}")
+  for name, average in [("e_g2", want.e_g2[0]), ("e_dx2", want.e_dx2[0])]:
+    got = optax.tree.get(state, name)  # float32 holds g² of g = 1e-30 as 0: hence atol
+    np.testing.assert_allclose(got, average, rtol=1e-5, atol=1e-37, err_msg=name)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("g", LARGE_FINITE + ORDINARY)
+def test_large_and_small_finite_gradients_take_torchs_step(g, implementation):
+  torch = pytest.importorskip("torch")
+  param = torch.zeros(8, dtype=torch.float32, requires_grad=True)
+  optimizer = torch.optim.Adadelta([param], lr=1.0, rho=0.95, eps=1e-6)
+  _, _, steps = _four_steps(g, implementation)
+  for t in range(4):
+    before = param.detach().clone()
+    param.grad = torch.full((8,), g, dtype=torch.float32)
+    optimizer.step()
+    torch_step = (param.detach() - before).numpy()
+    np.testing.assert_allclose(np.asarray(steps[t][0]), torch_step, rtol=1e-5, err_msg=f"{t}")
+
+
+def _squares_must_be_finite() -> optax.GradientTransformation:
+  """docs/precision.md's guard: a gradient whose square overflows counts as non-finite."""
+  return optax.stateless(
+    lambda g, params=None: jax.tree.map(lambda x: jnp.where(jnp.isfinite(x * x), x, jnp.inf), g)
+  )
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("g", OVERFLOWING)
+def test_an_overflowing_square_gives_a_zero_step_that_the_guides_guard_skips(g, implementation):
+  """float32 cannot hold E[g²] here: the step is 0 and the coordinate would stay frozen.
+  apply_if_finite checks the gradients it is given, which are finite; the guide's guard in
+  front of it turns them into inf, so the step is skipped and the state stays finite."""
+  _, state, steps = _four_steps(g, implementation)
+  np.testing.assert_array_equal(steps[0][0], 0.0)
+  assert np.isinf(np.asarray(optax.tree.get(state, "e_g2"))).all()
+  inner = optax_adadelta.adadelta(rho=0.95, eps=1e-6, implementation=implementation)
+  tx = optax.chain(_squares_must_be_finite(), optax.apply_if_finite(inner, 5))
+  params = jnp.zeros(8, jnp.float32)
+  state = tx.init(params)
+  for grads in [jnp.ones(8), jnp.full(8, g, jnp.float32), jnp.ones(8)]:
+    updates, state = tx.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  want = reference.run([np.zeros(8)], [[np.ones(8)]] * 2, rho=0.95, eps=1e-6)
+  np.testing.assert_allclose(np.asarray(params), want.params[0], rtol=1e-6)
+  assert int(state[1].total_notfinite) == 1
