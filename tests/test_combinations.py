@@ -47,10 +47,6 @@ EXPECTED: dict[tuple[str, str], Refused | Failing] = {  # every other cell works
     r"cannot split a PackedAdadeltaState \(adadelta\(packed_state=True\)\).*packed_state=False",
     "its flat array is re-concatenated every step, so a split would be undone by gathers",
   ),
-  ("packed", "export"): Failing(
-    "#22: PackedAdadeltaState has no jax.export serialization (Cannot serialize PyTreeDef "
-    "containing an unregistered type), helper D"
-  ),
 }
 
 
