@@ -129,7 +129,15 @@ def _exclusive(lock_path: str, target: str) -> Iterator[None]:
 
 
 # Each process raises the same type when process 0 could not start the save.
-_OUTCOMES: list[type[Exception]] = [CheckpointInUseError, ValueError, OSError]
+_OUTCOMES: list[type[Exception]] = [CheckpointInUseError, ValueError, OSError, RuntimeError]
+
+
+def _code(failure: Exception | None) -> int:
+  """0 for success, else 1 + the index in _OUTCOMES of the type the others raise."""
+  if failure is None:
+    return 0
+  kinds = [i for i, kind in enumerate(_OUTCOMES) if isinstance(failure, kind)]
+  return 1 + (kinds[0] if kinds else len(_OUTCOMES) - 1)
 
 
 @contextlib.contextmanager
@@ -145,16 +153,11 @@ def one_writer(lock_path: str, target: str, checks: Callable[[], None]) -> Itera
         if fcntl is not None:
           stack.enter_context(_exclusive(lock_path, target))
       checks()
-    except (CheckpointInUseError, ValueError, OSError) as error:
+    except Exception as error:  # every process must learn of it, or they would wait for 0
       stack.close()
       failure = error
   if jax.process_count() > 1:
-    code = (
-      0
-      if failure is None
-      else 1 + next(i for i, t in enumerate(_OUTCOMES) if isinstance(failure, t))
-    )
-    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(_code(failure))))
     if failure is None and code:
       failure = _OUTCOMES[code - 1](
         f"Cannot save the checkpoint {target}: process 0 could not start the save "

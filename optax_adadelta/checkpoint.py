@@ -9,11 +9,12 @@ shape. :func:`save` therefore records a signature of every leaf (path, dtype, sh
 optional ``config`` of hyper-parameters, and :func:`restore` compares both with the target
 before reading anything, raising a :class:`ValueError` that lists each difference.
 
-The arrays go to disk without checksums (tensorstore's zarr chunks here are not compressed
-or checked: a flipped byte reads back as a wrong number). :func:`save` therefore also
-records two 32-bit checksums of every array's bytes, computed on the global array (so they
-do not depend on how it is sharded), and :func:`restore` recomputes them on what it read:
-any changed byte in an array file fails the restore, naming the checkpoint and the leaf.
+The arrays go to disk without checksums (tensorstore's zarr chunks here carry none: a
+flipped byte reads back as a wrong number). :func:`save` therefore also records two 32-bit
+checksums of every array's bytes and of the step, computed on the global array (so they do
+not depend on how it is sharded), and a SHA-256 digest of that record with the signature and
+config; :func:`restore` recomputes them: any changed byte in an array file, a step from
+another save, or an edited config fails the restore, naming the checkpoint and the leaf.
 A metadata file cut short or garbled fails with the checkpoint's name and orbax's reason.
 Not detected: a checkpoint replaced as a whole by another valid one of the same shapes.
 
@@ -23,6 +24,12 @@ when complete, so a process killed during :func:`save` leaves no checkpoint at
 deletes the old checkpoint before writing. :class:`Checkpoints` (orbax's
 ``CheckpointManager``) writes each step to its own directory, keeps the last few and
 restores the latest complete one: use it for periodic checkpoints of a long run.
+
+One writer at a time: orbax's temporary directory has a fixed name, so two saves to one
+path at once would write into each other's files. A save takes an exclusive lock first (a
+file beside that temporary directory, ``fcntl.flock``, released by the kernel if its holder
+dies; in a multi-process run process 0 holds it for all); a second save to the path in use
+raises :class:`CheckpointInUseError` before writing anything. URLs (``gs://``) get no lock.
 
 Needs the ``checkpoint`` extra: ``pip install "optax-adadelta[checkpoint]"``.
 """

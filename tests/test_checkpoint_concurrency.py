@@ -13,9 +13,11 @@ background threads used to hold it for about five minutes after the error.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -251,6 +253,110 @@ def test_a_lock_left_by_a_killed_writer_does_not_block_the_next_save(tmp_path):
   assert restored.step == 1
   np.testing.assert_array_equal(restored.params["w"], _expected(1, "plain")[0][0])
   assert not (tmp_path / "ckpt.optax_adadelta-lock").exists()
+
+
+# Multi-process saves ------------------------------------------------------------------
+
+JOB_WRITER = textwrap.dedent(
+  """
+  import os, sys, time
+  import jax
+
+  port, process_id, path, root = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+  jax.config.update("jax_platforms", "cpu")
+  jax.config.update("jax_num_cpu_devices", 1)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=120
+  )
+  import numpy as np
+  import optax_adadelta
+  from optax_adadelta import checkpoint
+
+  mesh = jax.make_mesh((2,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  values = np.arange(8, dtype=np.float32)
+  params = {"w": jax.make_array_from_callback((8,), sharding, lambda index: values[index])}
+  opt_state = optax_adadelta.adadelta().init(params)
+
+  def attempt(name):
+    try:
+      checkpoint.save(path, params, opt_state, step=3)
+      outcome = "ok"
+    except Exception as error:
+      outcome = f"{type(error).__name__}: {error}"
+    with open(os.path.join(root, f"{name}-{process_id}"), "w") as file:
+      file.write(outcome)
+
+  attempt("first")  # while the test holds the lock
+  while not os.path.exists(os.path.join(root, "go")):
+    time.sleep(0.05)
+  attempt("second")
+  jax.distributed.shutdown()
+  """
+)
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _wait_for(paths: list[Path], processes: list[subprocess.Popen], timeout_s: float) -> None:
+  deadline = time.monotonic() + timeout_s
+  while not all(p.exists() for p in paths):
+    for process in processes:
+      if process.poll() is not None:
+        pytest.fail(f"a worker exited with {process.returncode}:\n{process.stderr.read()[-3000:]}")
+    assert time.monotonic() < deadline, f"no {[p.name for p in paths]} after {timeout_s} s"
+    time.sleep(0.1)
+
+
+def test_a_two_process_save_to_a_path_in_use_fails_on_every_process_then_succeeds(tmp_path):
+  """Process 0 takes the lock for the job; both processes learn that it is held and raise
+  (none hangs, none writes), and once it is free the job's save succeeds."""
+  path = tmp_path / "ckpt"
+  port = _free_port()
+  lock = os.open(str(path) + ".optax_adadelta-lock", os.O_RDWR | os.O_CREAT)
+  fcntl.flock(lock, fcntl.LOCK_EX)
+  os.write(lock, b"held by the test")
+  env = {**_env(), "XLA_FLAGS": ""}
+  command = [sys.executable, "-c", JOB_WRITER, str(port)]
+  workers = [
+    subprocess.Popen(
+      [*command, str(i), str(path), str(tmp_path)], stderr=subprocess.PIPE, env=env, text=True
+    )
+    for i in (0, 1)
+  ]
+  try:
+    _wait_for([tmp_path / f"first-{i}" for i in (0, 1)], workers, timeout_s=240)
+    assert not path.exists()
+    os.unlink(str(path) + ".optax_adadelta-lock")
+    os.close(lock)
+    (tmp_path / "go").touch()
+    _wait_for([tmp_path / f"second-{i}" for i in (0, 1)], workers, timeout_s=240)
+    for worker in workers:
+      worker.wait(timeout=60)
+  finally:
+    for worker in workers:
+      if worker.poll() is None:
+        worker.kill()
+        worker.wait()
+  first = [(tmp_path / f"first-{i}").read_text() for i in (0, 1)]
+  print(first)
+  assert first[0].startswith("CheckpointInUseError: ") and "held by the test" in first[0]
+  assert first[1].startswith("CheckpointInUseError: ") and "process 0 could not start" in first[1]
+  assert [(tmp_path / f"second-{i}").read_text() for i in (0, 1)] == ["ok", "ok"]
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  params = {"w": jax.ShapeDtypeStruct((8,), jnp.float32, sharding=device)}
+  opt_state = jax.tree.map(
+    lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+    jax.eval_shape(optax_adadelta.adadelta().init, params),
+  )
+  restored = checkpoint.restore(path, params, opt_state)
+  assert restored.step == 3
+  np.testing.assert_array_equal(restored.params["w"], np.arange(8, dtype=np.float32))
 
 
 # A save that cannot start ------------------------------------------------------------
