@@ -9,6 +9,7 @@ not read back through the code under test.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -332,3 +333,25 @@ def test_a_config_edited_after_the_save_is_refused(tmp_path):
   metadata.write_text(text.replace('"rho": 0.95', '"rho": 0.9'))
   with pytest.raises(ValueError, match=r"ckpt is corrupted: its metadata .* was changed"):
     checkpoint.restore(tmp_path / "ckpt", *_templates(SMALL), config={"rho": 0.9})
+
+
+def test_a_checkpoint_from_before_the_step_checksum_and_digest_still_restores(tmp_path):
+  _save_at(tmp_path / "ckpt", 1, config={"rho": 0.95})
+  metadata = tmp_path / "ckpt" / "_CHECKPOINT_METADATA"
+  content = json.loads(metadata.read_text())
+  record = content["custom_metadata"]["optax_adadelta"]
+  del record["digest"], record["checksums"]["['step']"]  # what earlier releases wrote
+  metadata.write_text(json.dumps(content))
+  restored = checkpoint.restore(tmp_path / "ckpt", *_templates(SMALL), config={"rho": 0.95})
+  _assert_restored(restored, 1, SMALL)
+
+
+def test_checkpoints_refuse_a_step_below_the_latest_instead_of_skipping_it(tmp_path):
+  tx = optax_adadelta.adadelta()
+  params = {"w": jnp.asarray(_base(SMALL) + np.float32(3))}
+  opt_state = jax.tree.map(lambda x: x + 3, tx.init(params))
+  with checkpoint.Checkpoints(tmp_path) as checkpoints:
+    checkpoints.save(params, opt_state, step=3)
+    with pytest.raises(ValueError, match=r"step 2 is below the latest step saved in .*, 3"):
+      checkpoints.save(params, opt_state, step=2)
+    assert checkpoints.all_steps() == [3]
