@@ -54,7 +54,7 @@ def scale_by_adadelta(
 
   .. math::
     E[g^2]_t &= \rho\, E[g^2]_{t-1} + (1 - \rho)\, g_t^2 \\
-    \Delta x_t &= \frac{g_t}{\sqrt{E[g^2]_t + \epsilon}} \sqrt{E[\Delta x^2]_{t-1} + \epsilon} \\
+    \Delta x_t &= g_t \sqrt{\frac{E[\Delta x^2]_{t-1} + \epsilon}{E[g^2]_t + \epsilon}} \\
     E[\Delta x^2]_t &= \rho\, E[\Delta x^2]_{t-1} + (1 - \rho)\, \Delta x_t^2
 
   and the update returned is :math:`\Delta x_t` (positive, like every optax ``scale_by_*``;

@@ -5,7 +5,8 @@
 // widened exactly and results rounded to nearest even, as XLA does):
 //
 //   E[g²]  <- ρ E[g²] + (1−ρ) g²
-//   Δx     <- g / √(E[g²] + ε) · √(E[Δx²] + ε)      (E[Δx²] still the previous one: `Step`)
+//   Δx     <- g · √((E[Δx²] + ε) / (E[g²] + ε))      (E[Δx²] still the previous one; scaled
+//                                                   by exact powers of two: `Step`)
 //   E[Δx²] <- ρ E[Δx²] + (1−ρ) Δx²
 //
 // the operations of `_rules.default`, in its order. XLA's CPU backend contracts
@@ -17,7 +18,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "_kernel_common.h"
@@ -45,11 +45,7 @@ __attribute__((always_inline)) inline void UpdateRange(const G* g, const S* e_g2
     const float avg_g2 = kFma ? std::fma(h.rho, Widen(e_g2[i]), g2) : h.rho * Widen(e_g2[i]) + g2;
     const float delta = Step(grad, avg_g2, h.eps, old_e_dx2 + h.eps);
     const float dx2 = h.one_minus_rho * (delta * delta);
-    // A bfloat16 E[Δx²] XLA computes in a loop of its own, where LLVM fuses the other product.
-    const float avg_dx2 = !kFma ? h.rho * old_e_dx2 + dx2
-                          : std::is_same_v<S, bf16_bits>
-                              ? std::fma(h.one_minus_rho, delta * delta, h.rho * old_e_dx2)
-                              : std::fma(h.rho, old_e_dx2, dx2);
+    const float avg_dx2 = kFma ? std::fma(h.rho, old_e_dx2, dx2) : h.rho * old_e_dx2 + dx2;
     Narrow(delta, &step[i]);
     Narrow(avg_g2, &new_e_g2[i]);
     Narrow(avg_dx2, &new_e_dx2[i]);

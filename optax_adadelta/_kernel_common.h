@@ -60,13 +60,14 @@ inline bool HasFma() {
 #endif
 }
 
-// Adadelta's step Δx = (g / √(E[g²] + ε)) · √(E[Δx²] + ε), given the new E[g²] and
-// E[Δx²] + ε (the 8-bit kernel fuses that sum as XLA does there), in the order of
-// `_rules.default` and with correctly rounded operations only, so XLA gives the same bits.
-// |g| / √(E[g²] + ε) <= 1/√(1 − ρ) cannot underflow for a large finite gradient, as one root of
-// (E[Δx²] + ε)/(E[g²] + ε) did (to 0 from |g| ≈ 1e17 at ρ = 0.95).
+// Adadelta's step Δx = g · √((E[Δx²] + ε) / (E[g²] + ε)), given the new E[g²] and E[Δx²] + ε
+// (the 8-bit kernel fuses that sum as XLA does there), in the order of `_rules.default`, so XLA
+// gives the same bits: the ratio times 2³² inside the root, the step times 2⁻¹⁶ after it. Both
+// are exact, so the bits are those of the unscaled formula wherever its ratio is a normal float;
+// unscaled, the ratio underflowed to 0 for large finite gradients (|g| ≈ 1e17 at ρ = 0.95).
 inline float Step(float grad, float e_g2, float eps, float e_dx2_plus_eps) {
-  return grad / std::sqrt(e_g2 + eps) * std::sqrt(e_dx2_plus_eps);
+  constexpr float kRatioScale = 4294967296.0f, kStepScale = 1.0f / 65536.0f;  // 2³², 2⁻¹⁶
+  return grad * std::sqrt(e_dx2_plus_eps * kRatioScale / (e_g2 + eps)) * kStepScale;
 }
 
 // Runs body(c) for c in [0, chunks) on the calling thread and XLA's intra-op pool. The caller

@@ -12,30 +12,26 @@ from __future__ import annotations
 from typing import Literal, TypeAlias
 
 import jax.numpy as jnp
-from jax import lax
 
 UpdateRule: TypeAlias = Literal["default", "pytorch", "keras", "tfjs", "tf1", "d2l"]
 
 
-def default(g, e_g2, e_dx2, rho, one_minus_rho, eps):
-  """(g / √(E[g²]+ε)) · √(E[Δx²]+ε): what the native CPU kernels compute, in this order.
+# The ratio (E[Δx²]+ε)/(E[g²]+ε) is scaled by 2³² inside the root and the step by 2⁻¹⁶ after it:
+# exact (powers of two), so the step has the bits of g·√((E[Δx²]+ε)/(E[g²]+ε)) wherever that
+# ratio is a normal float32, and the ratio no longer underflows (flushed to 0 from |g| ≈ 1e17 at
+# ρ = 0.95, ε = 1e-6) until it falls under 2⁻¹⁵⁸: never before g² overflows for ε ≥ 1e-9.
+# Above, it would overflow only if E[Δx²]/ε > 2⁹⁶. `_kernel_common.h` (`Step`) does the same.
+RATIO_SCALE, STEP_SCALE = 2.0**32, 2.0**-16
 
-  |g| / √(E[g²]+ε) is at most 1/√(1−ρ), so a large finite gradient cannot underflow it (the
-  single root of (E[Δx²]+ε)/(E[g²]+ε) flushed to 0 from |g| ≈ 1e17 at ρ = 0.95). Where g²
-  overflows (|g| ≳ 1.8e19 in float32) E[g²] is +inf and the step 0, as in PyTorch and Keras:
-  the NaN-guard section of docs/precision.md says how to catch it.
+
+def default(g, e_g2, e_dx2, rho, one_minus_rho, eps):
+  """g·√((E[Δx²]+ε)/(E[g²]+ε)) with one root, the ratio scaled by 2³² inside it and the
+  step by 2⁻¹⁶ (exact): what the native CPU kernels compute, in this order. Unscaled, the
+  ratio underflowed for large finite gradients (g = 1e17, ρ = 0.95: a 0 step for 0.004472).
   """
   e_g2 = rho * e_g2 + one_minus_rho * (g * g)
-  step = g / _root(e_g2 + eps) * jnp.sqrt(e_dx2 + eps)
+  step = g * jnp.sqrt((e_dx2 + eps) * RATIO_SCALE / (e_g2 + eps)) * STEP_SCALE
   return step, e_g2, rho * e_dx2 + one_minus_rho * (step * step)
-
-
-def _root(x):
-  """√x as a divisor. XLA rewrites a / √x as a · rsqrt(x), which it computes on CPU by an
-  approximation the kernel cannot repeat; rounding the root to its own precision (a no-op
-  that XLA keeps, and emits no code for) leaves the correctly rounded divide."""
-  info = jnp.finfo(x.dtype)
-  return lax.reduce_precision(jnp.sqrt(x), exponent_bits=info.nexp, mantissa_bits=info.nmant)
 
 
 def pytorch(g, e_g2, e_dx2, rho, one_minus_rho, eps):
