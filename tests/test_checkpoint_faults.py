@@ -124,6 +124,7 @@ def _kill_during_second_save(mode: str, root: Path) -> Path:
   return temporary
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_large_managed_save_leaves_the_earlier_step_restorable(tmp_path):
   temporary = _kill_during_second_save("manager", tmp_path)
   assert not (tmp_path / "2").exists()

@@ -151,6 +151,7 @@ def _step(tx):
   return jax.jit(step)
 
 
+@pytest.mark.slow
 def test_a_thousand_leaves_follow_the_float64_reference_in_four_calls():
   rng = np.random.default_rng(5)
   sizes = [*rng.integers(1, 300, size=999), 300_007]
