@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -245,6 +246,15 @@ def _read_cache() -> dict:
   return json.loads(CACHE.read_text()) if CACHE.exists() else {}
 
 
+def store(key: str, entry: dict) -> None:
+  """Adds one run to the cache; written whole and renamed, so that concurrent runs (the script
+  may run in several processes) never read a half-written file."""
+  cache = _read_cache() | {key: entry}
+  partial = CACHE.with_suffix(f".{os.getpid()}.tmp")
+  partial.write_text(json.dumps(cache, indent=0))
+  partial.replace(CACHE)
+
+
 def group_errors(
   setup: Setup,
   groups: tuple[str, ...],
@@ -275,13 +285,12 @@ def group_errors(
     errors, seconds = errors[:, :, -1].T, round(time.perf_counter() - start)  # (todo, cells)
     if fast:
       return errors
-    cache = _read_cache()  # re-read: the notebook and the runner share the file
     bounds = np.cumsum([0] + [len(next(iter(g.values()))) for _, g in grids])
     for i, seed in enumerate(todo):
       for j, group in enumerate(groups):
         cells = errors[i, bounds[j] : bounds[j + 1]]
         cache[key(group, seed)] = {"errors": np.round(cells, 3).tolist(), "seconds": seconds}
-    CACHE.write_text(json.dumps(cache, indent=0))
+        store(key(group, seed), cache[key(group, seed)])
   rows = [list(itertools.chain(*(cache[key(g, s)]["errors"] for g in groups))) for s in seeds]
   return np.array(rows)
 
