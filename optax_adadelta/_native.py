@@ -15,8 +15,12 @@ over memory per leaf (XLA's own lowering makes four), the two averages in place.
 The kernel is compiled once per machine, jaxlib and source with the system C++ compiler
 (``$CXX``, else ``c++``) against the FFI headers of the installed jaxlib, for the baseline
 instruction set with clones for wider vectors (see `_kernel.cc`), and cached in
-``$OPTAX_ADADELTA_CACHE`` (else ``~/.cache/optax_adadelta``). Where that fails the package
-runs on pure JAX, and `native_available()` is False; `unavailable_reason()` says why.
+``$OPTAX_ADADELTA_CACHE`` (else ``~/.cache/optax_adadelta``) beside a record of its size and
+SHA-256, checked before every load (dlopen of a truncated file kills the process with SIGBUS):
+a damaged build is compiled again. Compiling and falling back are logged (WARNING, the
+``optax_adadelta`` logger); ``python -m optax_adadelta.build_native`` compiles ahead of time.
+Where that fails the package runs on pure JAX, and `native_available()` is False;
+`unavailable_reason()` says why.
 """
 
 from __future__ import annotations
