@@ -170,6 +170,25 @@ def test_a_thousand_leaves_follow_the_float64_reference_in_four_calls():
     np.testing.assert_allclose(got, expected, rtol=2e-6)
 
 
+def test_leaves_beyond_one_call_go_in_groups_and_follow_the_float64_reference(monkeypatch):
+  """The default tier's check of the grouping that the slow 1,000-leaf test checks at 256."""
+  monkeypatch.setattr(_native, "_LEAVES_PER_CALL", 4)
+  rng = np.random.default_rng(6)
+  sizes = [*rng.integers(1, 50, size=8), 1_001]
+  params = [rng.normal(size=n).astype(np.float32) for n in sizes]
+  grads = [[rng.normal(size=n).astype(np.float32) for n in sizes] for _ in range(3)]
+  want = reference.run(params, grads, rho=0.95, eps=1e-6)
+  tx = optax_adadelta.adadelta(implementation="native")
+  step, x, state = _step(tx), [jnp.asarray(p) for p in params], tx.init(params)
+  assert step.lower(x, state, x).compile().as_text().count(f'"{TARGET}"') == 3
+  for g in grads:
+    x, state = step(x, state, [jnp.asarray(gi) for gi in g])
+  for got, expected in zip(x, want.params, strict=True):
+    np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
+  for got, expected in zip(state[1].e_dx2, want.e_dx2, strict=True):
+    np.testing.assert_allclose(got, expected, rtol=2e-6)
+
+
 def _kernel_calls(tx, params) -> int:
   state = tx.init(params)
   return jax.jit(tx.update).lower(params, state, params).compile().as_text().count(f'"{TARGET}"')
