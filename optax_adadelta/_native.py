@@ -193,7 +193,7 @@ def is_available() -> bool:
   """Whether ``adadelta()`` can use the native CPU kernel in this process.
 
   The kernels are compiled on first use and cached: 15-17 s of one core's time, measured on a
-  2-core AMD EPYC (35-62 s wall there while other jobs kept it busy; see docs/performance.md),
+  2-core AMD EPYC (32-62 s wall there while other jobs kept it busy; see docs/performance.md),
   announced by a log warning. ``python -m optax_adadelta.build_native`` does it ahead of time.
   Where they cannot be built, everything runs on pure JAX with the same results, and
   ``adadelta(implementation="native")`` raises with the reason.
