@@ -13,6 +13,7 @@ Guide: docs/guides/porting_pytorch_mnist.md. Data: MNIST from $OPTAX_ADADELTA_DA
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import jax
@@ -209,7 +210,9 @@ class TorchRun:
     before = torch.get_num_threads()
     torch.set_num_threads(self.threads or before)
     try:
-      with torch.backends.mkldnn.flags(enabled=self.mkldnn):
+      # Only entered to switch oneDNN off: entering it at all makes torch warn about TF32.
+      flags = contextlib.nullcontext() if self.mkldnn else torch.backends.mkldnn.flags(False)
+      with flags:
         data = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(self.dtype)
         self.optimizer.zero_grad()
         loss = torch.nn.functional.nll_loss(self.net(data), torch.from_numpy(y).long())
