@@ -104,7 +104,11 @@ def _garbage_of_the_same_size(path: Path):
 
 @pytest.mark.parametrize(
   "damage",
-  [_truncate_to_4_kb, _truncate_to_half, _garbage_of_the_same_size],
+  [  # the default run: garbage of the same size (the SHA-256 check); truncations: slow tier
+    pytest.param(_truncate_to_4_kb, marks=pytest.mark.slow),
+    pytest.param(_truncate_to_half, marks=pytest.mark.slow),
+    _garbage_of_the_same_size,
+  ],
   ids=lambda f: f.__name__,
 )
 def test_a_damaged_cached_kernel_is_rebuilt_not_loaded(env, damage):
