@@ -1,6 +1,6 @@
 """Remedies for the narrow states' late divergence on the long noisy quadratic (#22 item 1).
 
-    python -m benchmarks.state_noise_remedies [--seeds 0,1,2] [--steps 10000] [--draw-seed 7] [--remedies a,b]
+    python -m benchmarks.state_noise_remedies [--seeds 0,1,2] [--draw-seed 7] [--remedies a,b]
 
 A float64 NumPy model of each way to store Adadelta's two averages, run on the long-run
 problem of tests/long_horizon.py (the (4, 256) quadratic, curvature 10^U(−1.5, 1.5), gradient
