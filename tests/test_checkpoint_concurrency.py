@@ -175,13 +175,13 @@ def _two_writers(mode: str, tmp_path: Path, trials: int) -> None:
   assert not list(tmp_path.rglob("*optax_adadelta-lock")), "a lock file was left behind"
 
 
-@pytest.mark.parametrize("mode", ["plain", "managed"])
+@pytest.mark.parametrize("mode", ["plain", pytest.param("managed", marks=pytest.mark.slow)])
 def test_two_processes_saving_to_one_path_at_once_give_one_success_and_its_data(mode, tmp_path):
   _two_writers(mode, tmp_path, trials=8)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["plain", "managed"])
+@pytest.mark.parametrize("mode", ["plain", pytest.param("managed", marks=pytest.mark.slow)])
 def test_two_processes_saving_to_one_path_at_once_many_trials(mode, tmp_path):
   _two_writers(mode, tmp_path, trials=60)
 
@@ -313,6 +313,7 @@ def _wait_for(paths: list[Path], processes: list[subprocess.Popen], timeout_s: f
     time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_two_process_save_to_a_path_in_use_fails_on_every_process_then_succeeds(tmp_path):
   """Process 0 takes the lock for the job; both processes learn that it is held and raise
   (none hangs, none writes), and once it is free the job's save succeeds."""
@@ -392,7 +393,7 @@ def _without_root_override() -> list[str]:
   return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
 
 
-@pytest.mark.parametrize("mode", ["plain", "managed"])
+@pytest.mark.parametrize("mode", ["plain", pytest.param("managed", marks=pytest.mark.slow)])
 def test_a_save_into_a_read_only_directory_fails_at_once_and_the_process_exits(mode, tmp_path):
   read_only = tmp_path / "read_only"
   read_only.mkdir()

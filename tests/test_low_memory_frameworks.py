@@ -89,6 +89,7 @@ def test_nnx_optimizer_trains_as_the_functional_loop_and_keeps_the_narrow_state(
   assert (jnp.dtype(jnp.uint8) if fmt == "8bit" else jnp.dtype(jnp.bfloat16)) in want_dtypes
 
 
+@pytest.mark.slow
 def test_an_nnx_functional_loop_trains_with_the_8bit_state():
   """nnx.split / nnx.merge and tx.update on trees of nnx.Param, as optax is used."""
   nnx = pytest.importorskip("flax.nnx")

@@ -140,6 +140,7 @@ def test_non_finite_gradients_give_xlas_state():
       assert np.isfinite(np.delete(scale.ravel(), [0, 5, 10])).all()  # the other blocks
 
 
+@pytest.mark.slow
 def test_leaves_are_updated_256_per_call_and_other_rules_use_xla():
   params = {f"w{i:03}": jnp.zeros((8, 512)) for i in range(257)}
   tx = optax_adadelta.scale_by_adadelta(state_bits=8)

@@ -122,6 +122,7 @@ def test_a_damaged_cached_kernel_is_rebuilt_not_loaded(env, damage):
   assert _probe(env)["stderr"] == "", "the rebuilt kernel is not used as it is"
 
 
+@pytest.mark.slow
 def test_a_cached_kernel_without_its_build_record_is_not_loaded(env):
   _assert_kernel_works(_probe(env))
   for record in Path(env["OPTAX_ADADELTA_CACHE"]).glob("*.json"):
@@ -133,6 +134,7 @@ def test_a_cached_kernel_without_its_build_record_is_not_loaded(env):
   assert "has no build record" in report["stderr"]
 
 
+@pytest.mark.slow
 def test_a_damaged_kernel_that_cannot_be_rebuilt_falls_back_and_says_why(env):
   _probe(env)
   (library,) = _libraries(env)
@@ -144,6 +146,7 @@ def test_a_damaged_kernel_that_cannot_be_rebuilt_falls_back_and_says_why(env):
   assert "using XLA's update (same results, slower)" in report["stderr"]
 
 
+@pytest.mark.slow
 def test_two_processes_building_at_once_each_load_a_verified_kernel(env):
   slow = {**env, "STAND_IN_SECONDS": "2"}  # both are compiling at the same time
   runs = [
