@@ -331,8 +331,8 @@ def adadelta_problems(full, kwargs, options, specs):
   combined = []  # each combination refused, whichever is checked first
   if native and (options["update_rule"] != "default" or not optax_adadelta.native_available()):
     combined.append(("implementation", ValueError))
-  if options["state_bits"] == 8 and (options["packed_state"] or native):
-    combined.append(("packed_state" if options["packed_state"] else "implementation", ValueError))
+  if options["state_bits"] == 8 and options["packed_state"]:  # native 8-bit has its own kernel
+    combined.append(("packed_state", ValueError))
   if combined:
     return combined
   dtypes = {dtype for _, _, dtype in specs}
