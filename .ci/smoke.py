@@ -1,7 +1,7 @@
 """Smoke test of the installed wheel, run by .ci/run from a folder outside the source tree.
 
 Imports the package (without the demo's extras), takes one jitted Adadelta step through the
-native CPU kernel (compiled from the shipped _kernel.cc on first use) and checks it against
+native CPU kernel (compiled from the shipped native/kernel.cc on first use) and checks it against
 the pure-JAX path, then runs `optax-adadelta --help`.
 """
 
@@ -19,8 +19,8 @@ import optax_adadelta
 
 where = Path(optax_adadelta.__file__).resolve()
 assert "site-packages" in where.parts, f"imported from {where}, not from the installed wheel"
-for source in ("_kernel.cc", "_kernel_8bit.cc", "_kernel_common.h"):
-  assert (where.parent / source).is_file(), f"the wheel lacks {source}"
+for source in ("kernel.cc", "kernel_8bit.cc", "adadelta.h"):
+  assert (where.parent / "native" / source).is_file(), f"the wheel lacks native/{source}"
 loaded = [name for name in ("tqdm", "matplotlib") if name in sys.modules]
 assert not loaded, f"import optax_adadelta loaded the demo's extras {loaded}"
 

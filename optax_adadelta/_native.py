@@ -48,8 +48,9 @@ from jax.interpreters import ad, batching, mlir
 
 _TARGET = "optax_adadelta_update"
 TARGET_8BIT = "optax_adadelta_update_8bit"  # _kernel_8bit.cc, used by _native_8bit.py
-_SOURCES = [Path(__file__).with_name(n) for n in ("_kernel.cc", "_kernel_8bit.cc")]
-_HEADER = Path(__file__).with_name("_kernel_common.h")
+_NATIVE_DIR = Path(__file__).with_name("native")
+_SOURCES = [_NATIVE_DIR / n for n in ("kernel.cc", "kernel_8bit.cc")]
+_HEADER = _NATIVE_DIR / "adadelta.h"
 _FLAGS = (
   "-std=c++17",
   "-O3",

@@ -6,7 +6,7 @@
 // key each. Block by block (a block's codes are contiguous, its scale one float), in float32:
 //
 //   E      <- level(code) · scale                           (dequantize, both averages)
-//   Δx, E  <- Algorithm 1, the operations of `_kernel.cc`
+//   Δx, E  <- Algorithm 1, the operations of `kernel.cc`
 //   scale  <- the block's largest new E (NaN if one is NaN); x = E · (1/scale)
 //   code   <- c + (p > u), c the largest code with level(c) <= x (<= 254),
 //             p = (x − level(c)) / (level(c + 1) − level(c)), u = 1/2 or
@@ -28,13 +28,13 @@
 #include <cstring>
 #include <vector>
 
-#include "_kernel_common.h"
+#include "adadelta.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace optax_adadelta;  // NOLINT: the shared helpers of _kernel_common.h
+using namespace optax_adadelta;  // NOLINT: the shared helpers of adadelta.h
 
 constexpr std::int64_t kMaxBlock = 256;  // _codes_8bit.MAX_BLOCK
 constexpr int kBias = 1400;              // _codes_8bit._BIAS

@@ -20,13 +20,13 @@
 #include <cstdint>
 #include <vector>
 
-#include "_kernel_common.h"
+#include "adadelta.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace optax_adadelta;  // NOLINT: the shared helpers of _kernel_common.h
+using namespace optax_adadelta;  // NOLINT: the shared helpers of adadelta.h
 
 struct Hyper {
   float rho, one_minus_rho, eps;

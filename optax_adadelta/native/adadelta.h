@@ -1,4 +1,4 @@
-// What the native kernels (_kernel.cc, _kernel_8bit.cc) share: Adadelta's step, bfloat16
+// What the native kernels (kernel.cc, kernel_8bit.cc) share: Adadelta's step, bfloat16
 // conversions, the instruction-set clones, the FMA question and a parallel loop on XLA's
 // thread pool.
 

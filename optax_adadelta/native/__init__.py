@@ -1,0 +1,1 @@
+"""The native CPU layer (its API is being moved here from _native.py, issue #24)."""
