@@ -27,7 +27,7 @@ def _is_tracer(value: Any) -> bool:
   return isinstance(value, jax.core.Tracer)
 
 
-def _real_values(name: str, value: Any) -> np.ndarray | None:
+def real_values(name: str, value: Any) -> np.ndarray | None:
   """The concrete values of a hyper-parameter, or None when traced."""
   if _is_tracer(value):
     return None
@@ -58,7 +58,7 @@ def check_in_range(
   if _is_tracer(value):
     _check_scalar(name, np.shape(value))
     return
-  values = _real_values(name, value)
+  values = real_values(name, value)
   if values is None:
     return
   above_low = values > low if low_open else values >= low
@@ -242,10 +242,10 @@ def check_gradients(updates: Any, state: Any) -> None:
       "the state with the same transform's init"
     )
   paths, grads, treedef = flatten_gradients(updates)
-  e_g2 = _leaves_like_state(treedef, state.e_g2, "e_g2")
+  e_g2 = leaves_like_state(treedef, state.e_g2, "e_g2")
   for path, g, a in zip(paths, grads, e_g2, strict=True):
     if g is not None:
-      _check_gradient_leaf(path, g, a)
+      check_gradient_leaf(path, g, a)
 
 
 def check_gradients_like_params(updates: Any, params: Any) -> None:
@@ -272,10 +272,10 @@ def check_gradients_like_params(updates: Any, params: Any) -> None:
     ) from err
   for path, g, p in zip(paths, grads, like, strict=True):
     if g is not None and p is not None:
-      _check_gradient_leaf(path, g, p)
+      check_gradient_leaf(path, g, p)
 
 
-def _leaves_like_state(treedef, state_tree: Any, field: str) -> list[Any]:
+def leaves_like_state(treedef, state_tree: Any, field: str) -> list[Any]:
   """The state's leaves in the gradients' order, or an error showing both trees."""
   try:
     return treedef.flatten_up_to(state_tree)
@@ -289,7 +289,7 @@ def _leaves_like_state(treedef, state_tree: Any, field: str) -> list[Any]:
     ) from err
 
 
-def _check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
+def check_gradient_leaf(path, grad: Any, state_leaf: Any) -> None:
   """Raises a clear error when one gradient leaf does not fit its state leaf."""
   where = jax.tree_util.keystr(path) or "the root"
   if state_leaf is None:

@@ -188,8 +188,8 @@ def scale_by_adadelta_low_memory(
   def update_fn(updates, state, params=None):
     del params
     wrapped, treedef = _check(updates, state)
-    old_g2 = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
-    old_dx2 = _checks._leaves_like_state(treedef, state.e_dx2, "e_dx2")
+    old_g2 = _checks.leaves_like_state(treedef, state.e_g2, "e_g2")
+    old_dx2 = _checks.leaves_like_state(treedef, state.e_dx2, "e_dx2")
     steps: list[Any] = []
     new_g2: list[Any] = []
     new_dx2: list[Any] = []
@@ -261,11 +261,11 @@ def _check(updates: Any, state: Any):
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(
     updates, is_leaf=lambda x: x is None or _is_variable(x)
   )
-  leaves = _checks._leaves_like_state(treedef, state.e_g2, "e_g2")
+  leaves = _checks.leaves_like_state(treedef, state.e_g2, "e_g2")
   for (path, g), a in zip(with_paths, leaves, strict=True):
     if g is not None:
       a = _unwrap(a)
-      _checks._check_gradient_leaf(path, _unwrap(g), a.codes if is_quantized(a) else a)
+      _checks.check_gradient_leaf(path, _unwrap(g), a.codes if is_quantized(a) else a)
   return [g for _, g in with_paths], treedef
 
 

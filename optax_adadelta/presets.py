@@ -149,7 +149,7 @@ def keras(
   if gradient_accumulation_steps and not isinstance(gradient_accumulation_steps, (int, np.integer)):
     raise accumulation_error  # Keras would count calls modulo 2.5
   if use_ema:
-    momentum = _checks._real_values("ema_momentum", ema_momentum)  # a number, before Keras's >
+    momentum = _checks.real_values("ema_momentum", ema_momentum)  # a number, before Keras's >
     if momentum is not None and momentum.shape:
       _checks.check_in_range("ema_momentum", ema_momentum, low=0.0, high=1.0, low_open=False)
     if ema_momentum > 1 or ema_momentum < 0:

@@ -56,7 +56,7 @@ def params_ema(
     An ``optax.GradientTransformation`` whose state is a :class:`ParamsEmaState`; its
     ``update`` needs ``params``.
   """
-  values = _checks._real_values("momentum", momentum)  # None when traced
+  values = _checks.real_values("momentum", momentum)  # None when traced
   if values is not None and (values.shape or not 0.0 <= float(values) <= 1.0):
     raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
   if overwrite_frequency is not None:
@@ -130,7 +130,7 @@ def clip_by_leaf_norm(max_norm: float) -> optax.GradientTransformation:
   :math:`g \leftarrow g \cdot c / \max(\lVert g \rVert_2, c)`, Keras's per-variable
   ``clipnorm`` (``optax.clip_by_global_norm`` takes one norm over all leaves instead).
   """
-  values = _checks._real_values("max_norm", max_norm)
+  values = _checks.real_values("max_norm", max_norm)
   if values is not None and (values.shape or not float(values) > 0):
     raise ValueError(f"max_norm must be > 0, got {max_norm!r}")
   # inf would give inf / inf = NaN; below float32's smallest normal number, 0 / 0.
