@@ -9,8 +9,10 @@ rule so that the trajectories agree to the last bit the peer allows. Chosen by n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal, TypeAlias
 
+import jax
 import jax.numpy as jnp
 
 UpdateRule: TypeAlias = Literal["default", "pytorch", "keras", "tfjs", "tf1", "d2l"]
@@ -20,7 +22,7 @@ UpdateRule: TypeAlias = Literal["default", "pytorch", "keras", "tfjs", "tf1", "d
 # exact (powers of two), so the step has the bits of g·√((E[Δx²]+ε)/(E[g²]+ε)) wherever that
 # ratio is a normal float32, and the ratio no longer underflows (flushed to 0 from |g| ≈ 1e17 at
 # ρ = 0.95, ε = 1e-6) until it falls under 2⁻¹⁵⁸: never before g² overflows for ε ≥ 1e-9.
-# Above, it would overflow only if E[Δx²]/ε > 2⁹⁶. `_kernel_common.h` (`Step`) does the same.
+# Above, it would overflow only if E[Δx²]/ε > 2⁹⁶. `native/adadelta.h` (`Step`) does the same.
 RATIO_SCALE, STEP_SCALE = 2.0**32, 2.0**-16
 
 
@@ -81,3 +83,37 @@ RULES = {
   "tf1": tf1,
   "d2l": d2l,
 }
+
+
+def leaf_update(rule: Callable[..., tuple], rho, eps) -> Callable[..., tuple]:
+  """`(g, E[g²], E[Δx²]) -> (Δx, E[g²], E[Δx²])` for one leaf by `rule`, in at least float32.
+
+  A None gradient (a frozen parameter) leaves its state as it is. The real and imaginary
+  parts of a complex leaf are updated as two real coordinates (PyTorch's convention).
+  """
+  one_minus_rho = 1 - rho  # in double precision when rho is a Python float
+
+  def update_leaf(g, e_g2, e_dx2):
+    if g is None:
+      return None, e_g2, e_dx2
+    g = jnp.asarray(g)
+    dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
+    dtype = jnp.promote_types(dtype, jnp.float32)
+    hyper = [jnp.asarray(h, dtype) for h in (rho, one_minus_rho, eps)]
+    per_part = [
+      rule(*(part.astype(dtype) for part in parts), *hyper)
+      for parts in zip(_real_parts(g), _real_parts(e_g2), _real_parts(e_dx2), strict=True)
+    ]
+    columns = zip(*per_part, strict=True)
+    return tuple(_from_parts(c, x.dtype) for c, x in zip(columns, (g, e_g2, e_dx2), strict=True))
+
+  return update_leaf
+
+
+def _real_parts(x: jax.Array) -> tuple[jax.Array, ...]:
+  return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
+
+
+def _from_parts(parts, dtype) -> jax.Array:
+  whole = jax.lax.complex(*parts) if len(parts) == 2 else parts[0]
+  return whole.astype(dtype)
