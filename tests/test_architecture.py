@@ -2,7 +2,8 @@
 
 Read from the source with `ast` (nothing is imported), so a violation is reported with its
 file and line: imports go downward only, by the layer table below; no module uses another
-module's private names; no module imports inside a function; the folders are the picture's.
+module's private names; no module imports inside a function; nothing outside formats/ looks at
+a state's class or fields to learn its format; the folders are the picture's.
 """
 
 from __future__ import annotations
@@ -249,6 +250,40 @@ def function_import_violations(root: Path = ROOT) -> list[str]:
   return found
 
 
+def _state_classes(root: Path) -> tuple[set[str], set[str]]:
+  """The state classes formats/ defines (NamedTuples, classes named *State) and their fields."""
+  names, fields = set(), set()
+  for path in (root / PACKAGE / "formats").glob("*.py"):
+    for node in ast.parse(path.read_text()).body:
+      bases = {getattr(b, "id", getattr(b, "attr", "")) for b in getattr(node, "bases", [])}
+      if isinstance(node, ast.ClassDef) and ("NamedTuple" in bases or node.name.endswith("State")):
+        names.add(node.name)
+        fields |= {f.target.id for f in node.body if isinstance(f, ast.AnnAssign)}  # type: ignore[union-attr]
+  return names, fields
+
+
+def format_inspections(root: Path = ROOT) -> list[str]:
+  """Places outside formats/ that look at a state's class or fields to learn its format."""
+  classes, fields = _state_classes(root)
+  found = []
+  for module, path in modules(root).items():
+    if module.startswith(f"{PACKAGE}.formats") or module == PACKAGE:
+      continue
+    for node in ast.walk(ast.parse(path.read_text())):
+      if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        continue
+      if node.func.id == "isinstance" and len(node.args) == 2:
+        kinds = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+        looked = {getattr(k, "id", getattr(k, "attr", None)) for k in kinds} & classes
+      elif node.func.id in ("hasattr", "getattr") and len(node.args) >= 2:
+        looked = {getattr(node.args[1], "value", None)} & fields
+      else:
+        continue
+      if looked:
+        found.append(f"{where(module, node.lineno, root)}: {module} looks at {sorted(looked)}")
+  return found
+
+
 def documented_layers(page: Path = ARCHITECTURE_PAGE) -> dict[str, int]:
   """The layer table of docs/architecture.md: rows `| <layer> | `module`, `folder/` ... |`."""
   table = {}
@@ -276,6 +311,11 @@ def test_no_imports_inside_functions():
   assert function_import_violations() == []
 
 
+def test_only_formats_look_at_a_states_class_or_fields():
+  """The rest asks the registry (`formats.format_of(node)`) which format a state has."""
+  assert format_inspections() == []
+
+
 def test_the_layer_table_is_the_one_the_architecture_page_states():
   assert documented_layers() == LAYERS
 
@@ -290,8 +330,10 @@ def test_the_folders_are_the_ones_the_architecture_page_draws():
     ("from optax_adadelta import _adadelta\n", "layer"),
     ("from optax_adadelta._checks import _helper\n", "private"),
     ("def f():\n  import optax_adadelta.presets\n", "function"),
+    ("def f(state):\n  return isinstance(state, ScaleByAdadeltaState)\n", "inspection"),
+    ("def f(state):\n  return hasattr(state, 'e_g2')\n", "inspection"),
   ],
-  ids=["upward_import", "private_name", "import_in_function"],
+  ids=["upward_import", "private_name", "import_in_function", "isinstance", "hasattr"],
 )
 def test_each_rule_reports_a_planted_violation(tmp_path, source, rule):
   """The rules can fail: a copy of the package with one bad line in _rules.py is caught."""
@@ -303,5 +345,6 @@ def test_each_rule_reports_a_planted_violation(tmp_path, source, rule):
     "layer": layer_violations,
     "private": private_violations,
     "function": function_import_violations,
+    "inspection": format_inspections,
   }[rule]
   assert any("_rules.py" in v for v in check(tmp_path))
