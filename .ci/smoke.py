@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 import optax_adadelta
+from optax_adadelta import native
 
 where = Path(optax_adadelta.__file__).resolve()
 assert "site-packages" in where.parts, f"imported from {where}, not from the installed wheel"
@@ -24,7 +25,7 @@ for source in ("kernel.cc", "kernel_8bit.cc", "adadelta.h"):
 loaded = [name for name in ("tqdm", "matplotlib") if name in sys.modules]
 assert not loaded, f"import optax_adadelta loaded the demo's extras {loaded}"
 
-reason = getattr(optax_adadelta._native, "unavailable_reason", lambda: "(no reason given)")()
+reason = native.unavailable_reason()
 assert optax_adadelta.native_available(), f"native kernel not available: {reason}"
 
 params = {"w": jnp.linspace(-1.0, 1.0, 1000), "b": jnp.zeros(3)}

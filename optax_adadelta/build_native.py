@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from optax_adadelta import _native
+from optax_adadelta.native import build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,11 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     prog="python -m optax_adadelta.build_native",
     description=__doc__.split("\n\n")[1].replace("``", "") if __doc__ else None,
   ).parse_args(argv)
-  reason = _native.unavailable_reason()
+  reason = build.unavailable_reason()
   if reason is not None:
     print(f"native kernels unavailable: {reason}", file=sys.stderr)
     return 1
-  print(f"native kernels: {_native._build()}")
+  print(f"native kernels: {build.build_library()}")
   return 0
 
 

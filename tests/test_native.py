@@ -1,4 +1,4 @@
-"""The native CPU kernel (optax_adadelta/_kernel.cc) against XLA and the float64 reference.
+"""The native CPU kernel (optax_adadelta/native/kernel.cc) against XLA and the float64 reference.
 
 The kernel's results must lie within 1 ulp of the jitted pure-JAX update on any jaxlib. On
 the jaxlib versions this project has checked (`BIT_IDENTICAL_ON`), where XLA fuses each average
@@ -22,11 +22,13 @@ import optax
 import pytest
 
 import optax_adadelta
-from optax_adadelta import _native
+from optax_adadelta import native
+from optax_adadelta.native import build, primitive
 from tests import reference
+from tests.helpers import ulps
 
-if os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1" and _native.unavailable_reason():
-  pytest.skip(f"native kernel: {_native.unavailable_reason()}", allow_module_level=True)
+if os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1" and native.unavailable_reason():
+  pytest.skip(f"native kernel: {native.unavailable_reason()}", allow_module_level=True)
 
 
 @pytest.fixture(autouse=True)
@@ -72,19 +74,6 @@ def _trajectory(implementation, params, grads_per_step, dtype_case, **hyper):
   return results
 
 
-def _ulps(x, y) -> np.ndarray:
-  """Distance in units in the last place of x's dtype (NaN where both are NaN: 0)."""
-  x, y = np.asarray(x), np.asarray(y)
-  if np.iscomplexobj(x):
-    return np.maximum(_ulps(x.real, y.real), _ulps(x.imag, y.imag))
-  wide = x.astype(np.float64), y.astype(np.float64)
-  both_nan = np.isnan(wide[0]) & np.isnan(wide[1])
-  spacing = np.spacing(np.abs(x).astype(x.dtype)).astype(np.float64)
-  with np.errstate(invalid="ignore"):
-    distance = np.where(wide[0] == wide[1], 0.0, np.abs(wide[0] - wide[1]) / spacing)
-  return np.where(both_nan, 0.0, distance)
-
-
 def _assert_close(got, want, bits: bool):
   for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
     assert x.dtype == y.dtype and x.shape == y.shape
@@ -92,7 +81,7 @@ def _assert_close(got, want, bits: bool):
       as_numpy = np.complex64 if jnp.iscomplexobj(x) else np.float32
       np.testing.assert_array_equal(np.asarray(x, as_numpy), np.asarray(y, as_numpy))
     else:
-      worst = _ulps(x, y).max(initial=0.0)
+      worst = ulps(x, y).max(initial=0.0)
       assert worst <= 1, f"{worst} ulp apart"
 
 
@@ -165,7 +154,7 @@ def test_a_thousand_leaves_follow_the_float64_reference_in_four_calls():
   tx = optax_adadelta.adadelta(implementation="native")
   step, x, state = _step(tx), [jnp.asarray(p) for p in params], tx.init(params)
   calls = step.lower(x, state, x).compile().as_text().count(f'"{TARGET}"')
-  assert calls == -(-1000 // _native._LEAVES_PER_CALL) == 4
+  assert calls == -(-1000 // primitive.LEAVES_PER_CALL) == 4
   for g in grads:
     x, state = step(x, state, [jnp.asarray(gi) for gi in g])
   for got, expected in zip(x, want.params, strict=True):
@@ -176,7 +165,7 @@ def test_a_thousand_leaves_follow_the_float64_reference_in_four_calls():
 
 def test_leaves_beyond_one_call_go_in_groups_and_follow_the_float64_reference(monkeypatch):
   """The default tier's check of the grouping that the slow 1,000-leaf test checks at 256."""
-  monkeypatch.setattr(_native, "_LEAVES_PER_CALL", 4)
+  monkeypatch.setattr(primitive, "LEAVES_PER_CALL", 4)
   rng = np.random.default_rng(6)
   sizes = [*rng.integers(1, 50, size=8), 1_001]
   params = [rng.normal(size=n).astype(np.float32) for n in sizes]
@@ -223,9 +212,9 @@ def test_without_a_compiler_auto_falls_back_and_says_why(tmp_path):
   """A fresh process with no compiler and an empty cache: pure JAX, and the reason."""
   script = (
     "import jax.numpy as jnp, optax_adadelta as oa\n"
-    "from optax_adadelta import _native\n"
+    "from optax_adadelta import native\n"
     "tx = oa.adadelta(); u, _ = tx.update({'w': jnp.ones(3)}, tx.init({'w': jnp.ones(3)}))\n"
-    "print(oa.native_available(), float(u['w'][0]), _native.unavailable_reason())\n"
+    "print(oa.native_available(), float(u['w'][0]), native.unavailable_reason())\n"
     "oa.adadelta(implementation='native')\n"
   )
   env = {**os.environ, "CXX": "no-such-compiler", "OPTAX_ADADELTA_CACHE": str(tmp_path)}
@@ -237,10 +226,10 @@ def test_without_a_compiler_auto_falls_back_and_says_why(tmp_path):
 
 def test_the_build_is_portable_with_clones_for_wider_vectors():
   """No -march=native; on x86-64 Linux one function per instruction set, chosen at load."""
-  assert not any("march" in flag for flag in _native._FLAGS)
+  assert not any("march" in flag for flag in build.FLAGS)
   if not (sys.platform == "linux" and os.uname().machine == "x86_64"):
     pytest.skip("target_clones are built on x86-64 Linux")
-  nm = subprocess.run(["nm", str(_native._build())], capture_output=True, text=True)
+  nm = subprocess.run(["nm", str(build.build_library())], capture_output=True, text=True)
   if nm.returncode != 0:
     pytest.skip("nm (binutils) is not installed")
   for clone in ("arch_x86_64_v3", "arch_x86_64_v4", "default"):

@@ -1,4 +1,4 @@
-"""The native 8-bit kernel (optax_adadelta/_kernel_8bit.cc) against XLA's lowering.
+"""The native 8-bit kernel (optax_adadelta/native/kernel_8bit.cc) against XLA's lowering.
 
 XLA's lowering of the same update (`implementation="jax"`) is itself checked against a
 float64 NumPy reference in tests/test_low_memory.py. The kernel repeats its operations in
@@ -22,14 +22,16 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_adadelta
-from optax_adadelta import _native
+from optax_adadelta import native
+from optax_adadelta.native import build
+from tests.helpers import ulps
 from tests.sharding_checks import needs_eight_devices
 
-if os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1" and _native.unavailable_reason():
-  pytest.skip(f"native kernel: {_native.unavailable_reason()}", allow_module_level=True)
+if os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1" and native.unavailable_reason():
+  pytest.skip(f"native kernel: {native.unavailable_reason()}", allow_module_level=True)
 
 BIT_IDENTICAL_ON = {"0.10.2", "0.8.2"}  # jaxlib versions checked to give the kernel's bits
-TARGET = _native.TARGET_8BIT
+TARGET = build.TARGET_8BIT
 SHAPES = {  # blocks of 256, of 96 (a last axis of 96), of 250, several chunks, a full leaf
   "w256": (64, 768),
   "w96": (100, 96),
@@ -58,12 +60,10 @@ def _grads(rng, dtype, zero_rows=True):
   return tree
 
 
-def _ulps(x, y) -> float:
-  x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
-  same = (x == y) | (np.isnan(x) & np.isnan(y))
-  spacing = np.spacing(np.abs(np.where(same, 1, x)))
-  with np.errstate(invalid="ignore"):
-    return float(np.where(same, 0.0, np.abs(x - y) / spacing).max(initial=0.0))
+def _f32_ulps(x, y) -> float:
+  """The worst distance in float32 ulps (bfloat16 values too: a bfloat16 step that differs
+  at all is far more than 1 float32 ulp off)."""
+  return float(ulps(np.asarray(x, np.float32), np.asarray(y, np.float32)).max(initial=0.0))
 
 
 def _assert_close(got, want, bits: bool):
@@ -75,7 +75,7 @@ def _assert_close(got, want, bits: bool):
     elif x.dtype == np.uint8:
       assert np.abs(x.astype(int) - y.astype(int)).max(initial=0) <= 1
     elif np.issubdtype(x.dtype, np.floating) or x.dtype == jnp.bfloat16:
-      assert _ulps(x, y) <= 1, f"{_ulps(x, y)} ulp apart"
+      assert _f32_ulps(x, y) <= 1, f"{_f32_ulps(x, y)} ulp apart"
     else:
       np.testing.assert_array_equal(x, y)
 

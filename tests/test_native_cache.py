@@ -19,18 +19,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from optax_adadelta import _native
+from optax_adadelta import native
+from optax_adadelta.native import build
 
 # Prints what a user's first adadelta() meets: whether the kernel runs, and its update of a
 # small leaf beside XLA's (both within 1 ulp of each other on any jaxlib).
 _PROBE = """
 import json, sys, numpy as np, jax.numpy as jnp, optax_adadelta as oa
-from optax_adadelta import _native
+from optax_adadelta import native
 grads = {"w": jnp.linspace(-3, 3, 1000, dtype=jnp.float32)}
 def step(implementation):
   tx = oa.adadelta(implementation=implementation)
   return np.asarray(tx.update(grads, tx.init(grads))[0]["w"]).tolist()
-report = {"available": oa.native_available(), "reason": _native.unavailable_reason()}
+report = {"available": oa.native_available(), "reason": native.unavailable_reason()}
 if report["available"]:
   report["native"], report["xla"] = step("native"), step("jax")
 print(json.dumps(report))
@@ -47,11 +48,11 @@ cp "$STAND_IN_LIBRARY" "$out"
 
 @pytest.fixture(scope="module")
 def real_build(tmp_path_factory) -> Path:
-  reason = _native.unavailable_reason()
+  reason = native.unavailable_reason()
   if reason and os.environ.get("OPTAX_ADADELTA_REQUIRE_NATIVE") != "1":
     pytest.skip(f"native kernel: {reason}")
   kept = tmp_path_factory.mktemp("build") / "kernel.so"
-  shutil.copyfile(_native._build(), kept)
+  shutil.copyfile(build.build_library(), kept)
   return kept
 
 
