@@ -106,3 +106,13 @@ def _load_example(name: str):
 def example():
   """examples/data_parallel.py, imported as a module."""
   return _load_example("data_parallel")
+
+
+@pytest.fixture(scope="session")
+def checkpoint():
+  """optax_adadelta.checkpoint; the test skips where orbax is not installed (the core test
+  modules collect and run without orbax or flax: tests/test_collection.py)."""
+  pytest.importorskip("orbax.checkpoint")
+  from optax_adadelta import checkpoint
+
+  return checkpoint

@@ -20,8 +20,9 @@ from hypothesis import HealthCheck, event, note, settings
 from hypothesis import strategies as st
 
 import optax_adadelta
-from optax_adadelta import checkpoint, presets
+from optax_adadelta import presets
 from tests import reference
+from tests.helpers import is_none
 
 F32 = np.finfo(np.float32)
 F32_MAX, F32_TINY = float(F32.max), float(F32.tiny)
@@ -416,7 +417,7 @@ def mutate(data, grads: list, mutation: str):
 def mismatch(params, grads, optimizer):
   """Per leaf of params: None if the gradient fits, else why (for the expected message)."""
   p_leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-  if jax.tree.structure(grads, is_leaf=lambda x: x is None) != jax.tree.structure(params):
+  if jax.tree.structure(grads, is_leaf=is_none) != jax.tree.structure(params):
     return "structure"
   g_leaves = jax.tree.structure(params).flatten_up_to(grads)
   for (path, p), g in zip(p_leaves, g_leaves, strict=True):
@@ -833,7 +834,11 @@ SAVED: dict = {}
 
 
 def saved_checkpoint():
-  """One checkpoint for the session (saving costs more than a failed restore)."""
+  """One checkpoint for the session (saving costs more than a failed restore); the test
+  skips where orbax is not installed."""
+  pytest.importorskip("orbax.checkpoint")
+  from optax_adadelta import checkpoint
+
   if not SAVED:
     directory = tempfile.mkdtemp(prefix="fuzz-checkpoint-") + "/ckpt"
     params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}

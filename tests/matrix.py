@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -103,7 +104,7 @@ def chain_run(fmt):
 
 
 def nnx_run(fmt):
-  from flax import nnx
+  nnx = pytest.importorskip("flax.nnx")
 
   class Model(nnx.Module):
     def __init__(self):
@@ -123,7 +124,7 @@ def nnx_run(fmt):
 
 
 def linen_run(fmt):
-  from flax.training import train_state
+  train_state = pytest.importorskip("flax.training.train_state")
 
   state = train_state.TrainState.create(
     apply_fn=None, params=jax.tree.map(jnp.asarray, start()), tx=adadelta(fmt)
@@ -310,6 +311,7 @@ def zero_run(fmt):
 
 def checkpoint_run(fmt):
   """Three steps, a save and a restore into a template, three more: as an unbroken run."""
+  pytest.importorskip("orbax.checkpoint")
   from optax_adadelta import checkpoint
 
   tx, ys = adadelta(fmt), targets()

@@ -17,7 +17,6 @@ import fcntl
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import textwrap
@@ -31,6 +30,7 @@ import pytest
 
 import optax_adadelta
 from optax_adadelta import checkpoint
+from tests.helpers import free_port
 
 SIZE = 200_000  # float32 per array: 2.4 MB per checkpoint, long enough for the saves to overlap
 MANAGED_STEP = 7  # both writers of a managed trial save this step
@@ -297,12 +297,6 @@ JOB_WRITER = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _wait_for(paths: list[Path], processes: list[subprocess.Popen], timeout_s: float) -> None:
   deadline = time.monotonic() + timeout_s
   while not all(p.exists() for p in paths):
@@ -318,7 +312,7 @@ def test_a_two_process_save_to_a_path_in_use_fails_on_every_process_then_succeed
   """Process 0 takes the lock for the job; both processes learn that it is held and raise
   (none hangs, none writes), and once it is free the job's save succeeds."""
   path = tmp_path / "ckpt"
-  port = _free_port()
+  port = free_port()
   lock = os.open(str(path) + ".optax_adadelta-lock", os.O_RDWR | os.O_CREAT)
   fcntl.flock(lock, fcntl.LOCK_EX)
   os.write(lock, b"held by the test")

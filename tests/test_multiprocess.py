@@ -10,11 +10,7 @@ uninterrupted 2-process run bit for bit.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -22,64 +18,12 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh
 
+from tests.helpers import free_port, run_workers
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "data_parallel.py"
 DEVICES_PER_PROCESS = 2
 STEPS = 20
 BATCH_SIZE = 32
-TIMEOUT_S = 240  # the whole run, startup and compilation of every worker included
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _worker_env() -> dict[str, str]:
-  """This process's environment without its 8 forced host devices (workers pick their own)."""
-  env = dict(os.environ)
-  flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device" not in f]
-  env["XLA_FLAGS"] = " ".join(flags)
-  env["JAX_PLATFORMS"] = "cpu"
-  return env
-
-
-def _tail(path: Path, lines: int = 40) -> str:
-  return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-def run_workers(commands: list[list[str]], logs: Path, timeout_s: float = TIMEOUT_S) -> None:
-  """Runs the commands together; fails fast with the stderr of the first that dies."""
-  logs.mkdir(parents=True, exist_ok=True)
-  procs = []
-  try:
-    for i, command in enumerate(commands):
-      with open(logs / f"{i}.out", "wb") as out, open(logs / f"{i}.err", "wb") as err:
-        procs.append(subprocess.Popen(command, stdout=out, stderr=err, env=_worker_env()))
-    deadline = time.monotonic() + timeout_s
-    while any(p.poll() is None for p in procs):
-      for i, p in enumerate(procs):
-        if p.poll() not in (None, 0):
-          pytest.fail(
-            f"worker {i} of {len(procs)} exited with code {p.returncode}; its stderr:\n"
-            + _tail(logs / f"{i}.err")
-          )
-      if time.monotonic() > deadline:
-        running = [i for i, p in enumerate(procs) if p.poll() is None]
-        pytest.fail(
-          f"workers {running} still running after {timeout_s} s; stderr of worker "
-          f"{running[0]}:\n" + _tail(logs / f"{running[0]}.err")
-        )
-      time.sleep(0.1)
-    for i, p in enumerate(procs):
-      assert p.returncode == 0, (
-        f"worker {i} exited with {p.returncode}:\n{_tail(logs / f'{i}.err')}"
-      )
-  finally:
-    for p in procs:  # never leave a worker behind, whatever failed
-      if p.poll() is None:
-        p.kill()
-      p.wait(timeout=30)
 
 
 def _worker_command(num_processes: int, process_id: int, port: int, *options: str) -> list[str]:
@@ -97,7 +41,7 @@ def _worker_command(num_processes: int, process_id: int, port: int, *options: st
 
 def launch_example(num_processes: int, logs: Path, *options: str) -> str:
   """Runs the example on `num_processes` processes; returns what process 0 printed."""
-  port = _free_port()
+  port = free_port()
   run_workers(
     [_worker_command(num_processes, i, port, *options) for i in range(num_processes)], logs
   )
@@ -162,6 +106,7 @@ def test_processes_joined_by_jax_distributed_match_a_single_device_run(
 def test_processes_resumed_from_an_orbax_checkpoint_match_the_uninterrupted_run_bit_for_bit(
   uninterrupted, tmp_path
 ):
+  pytest.importorskip("orbax.checkpoint")  # the example saves and restores with orbax
   checkpoint_dir = tmp_path / "checkpoint"
   launch_example(2, tmp_path / "first", f"--steps={STEPS // 2}", f"--save={checkpoint_dir}")
   got, want = _resume_to_the_end(checkpoint_dir, STEPS // 2, tmp_path), uninterrupted(2)
@@ -171,7 +116,7 @@ def test_processes_resumed_from_an_orbax_checkpoint_match_the_uninterrupted_run_
 
 
 def test_a_worker_that_dies_fails_the_run_fast_with_its_stderr(tmp_path):
-  port = _free_port()
+  port = free_port()
   survivor = _worker_command(2, 0, port)  # waits for its peer
   dying = [sys.executable, "-c", "raise SystemExit('worker 1 could not start: no data')"]
   # Reported as a death, not as the timeout the survivor (blocked on its peer) would reach.
@@ -185,6 +130,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process_and_back(example, unint
   """2 processes (4 devices) -> this process (1 device) -> 2 processes again: each restore
   reads the arrays into the new topology, and the runs continue to the uninterrupted
   2-process run's numbers (up to the order of the gradient sums on 4 devices or 1)."""
+  pytest.importorskip("orbax.checkpoint")  # the example saves and restores with orbax
   # Explicit axes: jax.eval_shape(tx.init, ...) in the example then carries the shardings
   # of this topology, which orbax needs to restore another topology's checkpoint.
   mesh = jax.make_mesh(

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 import optax_adadelta
 import optax_adadelta.sharding as zero
 from tests import linear_model, reference
+from tests.helpers import worst_ulps
 from tests.sharding_checks import needs_eight_devices
 
 pytestmark = needs_eight_devices
@@ -76,21 +77,6 @@ def _step(tx, mesh, loss, split):
   return jax.jit(step)
 
 
-def _ulps(got, want):
-  """|got − want| in units of the spacing of want's dtype at want, the worst over the tree."""
-  worst = 0.0
-  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-    assert a.dtype == b.dtype, (a.dtype, b.dtype)
-    if not jnp.issubdtype(b.dtype, jnp.inexact):  # a step count
-      np.testing.assert_array_equal(a, b)
-      continue
-    info = jnp.finfo(b.dtype)
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    exponent = np.floor(np.log2(np.maximum(np.abs(b), float(info.tiny))))
-    worst = max(worst, float(np.max(np.abs(a - b) / (float(info.eps) * 2.0**exponent))))
-  return worst
-
-
 def _is_split(leaf):
   return any(
     index != slice(None)
@@ -130,7 +116,7 @@ def test_split_state_update_equals_the_replicated_state_update_within_one_ulp(co
       grads = gradient(params, x, y)
       want_updates, want_state = plain_update(params, opt_state, grads)
       got_updates, got_state = zero_update(params, jax.device_put(opt_state, shardings), grads)
-      worst = max(worst, _ulps(got_updates, want_updates), _ulps(got_state, want_state))
+      worst = max(worst, worst_ulps((got_updates, got_state), (want_updates, want_state)))
       assert all(not _is_split(u) for u in jax.tree.leaves(got_updates)), "updates must be whole"
       for leaf, sharding in zip(
         jax.tree.leaves(got_state), jax.tree.leaves(shardings), strict=True
@@ -326,7 +312,7 @@ def test_every_state_of_a_chain_is_split_and_the_run_moves():
   assert ema["w1"].sharding.spec == P(None, "data") and ema["b2"].sharding.is_fully_replicated
   counts = [leaf for leaf in jax.tree.leaves(got[1]) if leaf.ndim == 0]
   assert counts and all(c.sharding.is_fully_replicated for c in counts)
-  assert _ulps(got, want) <= 1.0
+  assert worst_ulps(got, want) <= 1.0
   assert not np.allclose(got[0]["w1"], params["w1"])
 
 
@@ -381,12 +367,10 @@ def test_the_example_splits_its_state_eight_ways_and_trains_like_the_replicated_
   ("saved", "restored"), [("replicated", "split"), ("split", "replicated"), ("split", "split")]
 )
 def test_checkpoint_restores_between_replicated_and_split_state_and_training_continues(
-  saved, restored, tmp_path
+  saved, restored, tmp_path, checkpoint
 ):
   """Saved in one layout, restored into templates carrying the other, continued: the
   parameters and state equal the uninterrupted run's."""
-  from optax_adadelta import checkpoint
-
   mesh = _mesh(AxisType.Explicit)
   tx = optax_adadelta.adadelta(**CONFIGS["decayed"])
   replicated = NamedSharding(mesh, P())
@@ -419,6 +403,6 @@ def test_checkpoint_restores_between_replicated_and_split_state_and_training_con
     layout = zero.per_device_bytes(opt_state)[0]
     assert layout == (_state_bytes(tx, start, mesh, split=restored == "split"))
     got = run(params, opt_state, range(step, NUM_STEPS), restored == "split")
-  worst = _ulps(got, want)
+  worst = worst_ulps(got, want)
   print(f"{saved} -> {restored}: largest difference {worst} ulp")  # 0 measured
   assert worst <= 1.0
