@@ -9,7 +9,7 @@ octaves with 254 steps). Each rounding is unbiased, but its noise accumulates in
 average, and Δx² ∝ 1/(E[g²] + ε) is convex, so E[Δx²] and the step run long. Two remedies:
 a finer grid (fewer octaves per 254 steps, so small values of a block drop to zero sooner),
 or the package's lift of E[g²]'s rounding probability by ρ/(1+ρ)·p(1−p)·spread/(E + ε)
-(`optax_adadelta._codes_8bit.lift_weight`). Prints, for several octave counts, the ratio of
+(`optax_adadelta.formats.codes_8bit.lift_weight`). Prints, for several octave counts, the ratio of
 the rounded run's mean E[Δx²] and mean |Δx| (last 100 steps) to the float64 run's, unlifted,
 lifted with independent draws for the two averages (the package before #22), and as the
 package rounds since #22: one uniform number for both averages and half the lift.

@@ -28,7 +28,7 @@ import numpy as np
 import optax
 
 from optax_adadelta import _checks
-from optax_adadelta._codes_8bit import (
+from optax_adadelta.formats.codes_8bit import (
   QuantizedAverage,
   block_size,
   blocks_of,
@@ -37,7 +37,7 @@ from optax_adadelta._codes_8bit import (
   lift_weight,
   quantize,
 )
-from optax_adadelta._random_bits import bits_from_key, shard_position, stream_key, to_uniform
+from optax_adadelta.formats.random_bits import bits_from_key, shard_position, stream_key, to_uniform
 
 
 class LowMemoryAdadeltaState(NamedTuple):

@@ -19,8 +19,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import optax_adadelta
-from optax_adadelta import _low_memory as lm
-from optax_adadelta._random_bits import random_bits
+from optax_adadelta.formats import codes_8bit, eight_bit, low_memory
+from optax_adadelta.formats.random_bits import random_bits
 from tests import reference
 from tests.sharding_checks import needs_eight_devices
 
@@ -110,8 +110,8 @@ def test_round_trip_error_is_within_the_per_block_bound(shape, blocks):
   √(Ê+ε) within 1.7 % of √(E+ε); below it (E < S·2⁻²⁴), |Ê − E| ≤ S·2⁻²⁴."""
   rng = np.random.default_rng(1)
   values = _wide_values(rng, shape, octaves=30)
-  q = lm.quantize(jnp.asarray(values), blocks, None)
-  got = np.asarray(lm.dequantize(q), np.float64)
+  q = codes_8bit.quantize(jnp.asarray(values), blocks, None)
+  got = np.asarray(codes_8bit.dequantize(q), np.float64)
   e = values.astype(np.float64)
   scale = e.reshape(*shape[:-1], blocks, -1).max(-1)
   s = np.repeat(scale, shape[-1] // blocks, axis=-1).reshape(shape)
@@ -132,8 +132,8 @@ def test_zero_blocks_are_exact_and_nan_free_and_the_block_maximum_is_exact():
   values[1, 256:] = _wide_values(np.random.default_rng(2), (256,))
   values[1, 300] = 7.25
   for bits in (None, random_bits(jnp.int32(3), 0, values.shape) >> 16):
-    q = lm.quantize(jnp.asarray(values), 2, bits)
-    back = np.asarray(lm.dequantize(q))
+    q = codes_8bit.quantize(jnp.asarray(values), 2, bits)
+    back = np.asarray(codes_8bit.dequantize(q))
     assert np.all(np.isfinite(back)) and np.all(np.isfinite(np.asarray(q.scale)))
     np.testing.assert_array_equal(back[:, :256], 0.0)
     np.testing.assert_array_equal(back[0], 0.0)
@@ -145,7 +145,7 @@ def test_zero_blocks_are_exact_and_nan_free_and_the_block_maximum_is_exact():
 def test_codes_are_monotone_in_the_value():
   values = np.sort(_wide_values(np.random.default_rng(3), (1, 256), octaves=30), axis=-1)
   values[0, -1] = 1.0
-  codes = np.asarray(lm.quantize(jnp.asarray(values), 1, None).codes)[0].astype(int)
+  codes = np.asarray(codes_8bit.quantize(jnp.asarray(values), 1, None).codes)[0].astype(int)
   assert np.all(np.diff(codes) >= 0)
   assert codes[-1] == 255 and len(np.unique(codes)) > 60
 
@@ -161,7 +161,7 @@ def test_stochastic_rounding_to_16_bits_is_unbiased(dtype):
   neighbours; and never more than one neighbour away."""
   rng = np.random.default_rng(4)
   values = (2.0 ** rng.uniform(-10, 10, 64)).astype(np.float32)
-  rounded = lambda c: lm.round_stochastically(
+  rounded = lambda c: low_memory.round_stochastically(
     jnp.asarray(values), dtype, random_bits(c, 0, (64,)) >> 16
   )
   draws = _draws(lambda c: rounded(c).astype(jnp.float32), 4000)
@@ -178,8 +178,8 @@ def test_stochastic_rounding_to_8_bit_codes_is_unbiased():
   rng = np.random.default_rng(5)
   values = _wide_values(rng, (256,), octaves=30)
   values[0] = 1.0
-  fn = lambda c: lm.dequantize(
-    lm.quantize(jnp.asarray(values), 1, random_bits(c, 0, (256,)) & 0xFFFF)
+  fn = lambda c: codes_8bit.dequantize(
+    codes_8bit.quantize(jnp.asarray(values), 1, random_bits(c, 0, (256,)) & 0xFFFF)
   )
   draws = _draws(fn, 4000)
   gap = values * (2.0**GAMMA - 1) + 2.0**-24  # upper bound of the distance between neighbours
@@ -198,8 +198,8 @@ def test_lifted_rounding_of_e_g2_raises_the_mean_by_the_documented_amount():
   values[0] = 1.0
   weight, eps = RHO / (1 + RHO), 1e-7
   lift = (jnp.float32(weight), jnp.float32(eps))
-  fn = lambda c: lm.dequantize(
-    lm.quantize(jnp.asarray(values, jnp.float32), 1, random_bits(c, 0, (256,)) >> 16, lift)
+  fn = lambda c: codes_8bit.dequantize(
+    codes_8bit.quantize(jnp.asarray(values, jnp.float32), 1, random_bits(c, 0, (256,)) >> 16, lift)
   )
   draws = _draws(fn, 4000)
   v = values.astype(np.float32).astype(np.float64)
@@ -234,7 +234,7 @@ def test_8bit_steps_are_not_biased_against_float64_adadelta(rho, eps):
   run = lambda state, gs: jax.lax.scan(lambda s, g: tx.update(g, s)[::-1], state, gs)
   state, got = jax.jit(run)(tx.init(jnp.zeros((8, 512))), jnp.asarray(grads))
   step_ratio = np.abs(np.asarray(got[-100:], np.float64)).mean() / np.abs(steps[-100:]).mean()
-  dx2_ratio = np.asarray(lm.average_values(state.e_dx2), np.float64).mean() / e_dx2.mean()
+  dx2_ratio = np.asarray(eight_bit.average_values(state.e_dx2), np.float64).mean() / e_dx2.mean()
   print(f"rho={rho}, eps={eps}: mean |Δx| × {step_ratio:.4f}, E[Δx²] × {dx2_ratio:.4f}")
   assert abs(step_ratio - 1) < 0.01
   assert abs(dx2_ratio - 1) < 0.08
@@ -251,7 +251,9 @@ def _constant_gradient_averages(keywords, *phases):
 
   for g, steps in phases:
     state = run(state, jnp.asarray(g), steps)
-  return [np.asarray(lm.average_values(a)["w"], np.float64) for a in (state.e_g2, state.e_dx2)]
+  return [
+    np.asarray(eight_bit.average_values(a)["w"], np.float64) for a in (state.e_g2, state.e_dx2)
+  ]
 
 
 def test_bfloat16_stall_is_reproduced_without_stochastic_rounding_and_gone_with_it():
@@ -295,7 +297,7 @@ def test_8bit_state_has_about_two_bytes_per_parameter_and_small_leaves_stay_full
   assert state.e_g2["w"].codes.dtype == jnp.uint8 and state.e_g2["w"].scale.shape == (512, 3)
   assert state.e_g2["b"].dtype == jnp.float32  # 768 < min_8bit_size
   assert state.e_g2["odd"].dtype == jnp.float32  # 997 is prime: no block of 32 to 256
-  w_bytes = lm.state_bytes((state.e_g2["w"], state.e_dx2["w"])) / params["w"].size
+  w_bytes = low_memory.state_bytes((state.e_g2["w"], state.e_dx2["w"])) / params["w"].size
   assert w_bytes <= 2.1
   print(f"8-bit state: {w_bytes:.4f} bytes per parameter for a 512 x 768 leaf")
 
@@ -387,7 +389,7 @@ def test_jit_and_eager_agree_and_the_counter_counts(fmt):
   jitted, eager = _run(tx, params, _grads(0)), _run(tx, params, _grads(0), jit=False)
   _assert_mostly_close(jitted[0]["w"], eager[0]["w"])
   for a, b in ((jitted[1][1].e_g2, eager[1][1].e_g2), (jitted[1][1].e_dx2, eager[1][1].e_dx2)):
-    _assert_mostly_close(lm.average_values(a)["w"], lm.average_values(b)["w"])
+    _assert_mostly_close(eight_bit.average_values(a)["w"], eight_bit.average_values(b)["w"])
   assert int(jitted[1][1].count) == int(eager[1][1].count) == 3
 
 
@@ -671,10 +673,10 @@ def test_zero_size_leaves_keep_an_empty_state_with_8_bits(shape, implementation)
   )
   params = {"empty": jnp.zeros(shape), "w": jnp.zeros((2, 256))}
   state = tx.init(params)
-  assert state.e_g2["empty"].shape == shape and not lm.is_quantized(state.e_g2["empty"])
-  assert lm.is_quantized(state.e_g2["w"])
+  assert state.e_g2["empty"].shape == shape and not codes_8bit.is_quantized(state.e_g2["empty"])
+  assert codes_8bit.is_quantized(state.e_g2["w"])
   grads = {"empty": jnp.zeros(shape), "w": jnp.ones((2, 256))}
   updates, state = jax.jit(tx.update)(grads, state)
   assert updates["empty"].shape == shape
   np.testing.assert_allclose(updates["w"], np.sqrt(EPS / (0.05 + EPS)), rtol=1e-6)
-  assert lm.state_bytes((state.e_g2["empty"], state.e_dx2["empty"])) == 0
+  assert low_memory.state_bytes((state.e_g2["empty"], state.e_dx2["empty"])) == 0

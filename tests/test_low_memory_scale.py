@@ -25,12 +25,12 @@ from jax.sharding import PartitionSpec as P
 if __name__ == "__main__":  # a worker: jax's devices must wait for jax.distributed
   needs_eight_devices = pytest.mark.skipif(False, reason="")
 else:
+  from tests.helpers import free_port, run_workers
   from tests.sharding_checks import needs_eight_devices
-  from tests.test_multiprocess import _free_port, run_workers
 
 import optax_adadelta
-from optax_adadelta import _low_memory as lm
-from optax_adadelta._random_bits import shard_position
+from optax_adadelta.formats import eight_bit
+from optax_adadelta.formats.random_bits import shard_position
 
 SHAPE = (16, 1024)  # split 4 ways along the last axis: 256 per shard, one block each
 STEPS = 6
@@ -73,7 +73,7 @@ def test_shard_map_shards_draw_different_streams_and_a_replicated_leaf_the_same(
   value at position p between its neighbours, 1/3 on average over uniform p (E[g²]; after
   one step E[Δx²] ≈ (1 − ρ)ε everywhere, mostly its block's maximum, exact)."""
   (_, state), (_, alone) = _sharded_step(fmt)
-  w = np.asarray(lm.average_values(state.e_g2)["w"], np.float64)
+  w = np.asarray(eight_bit.average_values(state.e_g2)["w"], np.float64)
   differ = np.mean(w[:, :512] != w[:, 512:])
   assert differ > 0.2, f"shards drew the same stream: {differ:.3f} of values differ"
   # The replicated leaf: the same on every device, and the unsharded step's numbers.
@@ -142,7 +142,7 @@ def _flat(tree):
 @needs_eight_devices
 @pytest.mark.slow
 def test_two_processes_train_the_8bit_state_as_one_process_does(tmp_path):
-  port = _free_port()
+  port = free_port()
   out = tmp_path / "p.npz"
   run_workers(
     [

@@ -19,7 +19,7 @@ p = (E − E(c))/(E(c+1) − E(c)), so the stored E is E on average. E[Δx²] is
 p is lifted by ½·ρ/(1+ρ)·p(1 − p)·(E(c+1) − E(c))/(E + ε) (:func:`lift_weight`): the rounding
 noise that the running average keeps would otherwise make 1/(E[g²] + ε), and with it every
 step, a few percent too large on average. Both averages of a coordinate are rounded with
-one uniform number (`_low_memory.update_quantized`). A positive E[g²] under the floor
+one uniform number (`eight_bit.update_quantized`). A positive E[g²] under the floor
 S·2⁻²⁴ is coded 1, never 0 (`floor_up`).
 """
 
@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from optax_adadelta._random_bits import to_uniform
+from optax_adadelta.formats.random_bits import to_uniform
 
 MAX_BLOCK = 256  # elements per scale: 1/64 byte per element of float32 scale overhead
 MIN_BLOCK = 32  # below this (a prime last axis, say) the scales would cost too much
