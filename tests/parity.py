@@ -17,6 +17,7 @@ import pytest
 
 from optax_adadelta import presets
 from tests import parity_cases
+from tests.reference import as_real
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 PRESETS = {
@@ -76,13 +77,6 @@ def run_ours(case: parity_cases.Case, step_error: float = 0.0) -> dict[str, list
   return record
 
 
-def _real(x) -> np.ndarray:
-  x = np.asarray(x)
-  if np.iscomplexobj(x):
-    return np.stack([x.real, x.imag], axis=-1).astype(np.float64)
-  return x.astype(np.float64)
-
-
 def worst_relative_error(ours: dict[str, list], theirs: dict[str, list]) -> tuple[float, str]:
   """max over steps, leaves and quantities of max|ours − theirs| / max|theirs|, the latter
   over the leaf's steps so far: a leaf that passes near 0 still carries the rounding of its
@@ -94,7 +88,7 @@ def worst_relative_error(ours: dict[str, list], theirs: dict[str, list]) -> tupl
     largest: dict[int, float] = {}
     for t, (a_step, b_step) in enumerate(zip(ours[key], theirs[key], strict=True)):
       for i, (a, b) in enumerate(zip(a_step, b_step, strict=True)):
-        a, b = _real(a), _real(np.asarray(b).reshape(np.shape(a_step[i])))
+        a, b = as_real(a), as_real(np.asarray(b).reshape(np.shape(a_step[i])))
         largest[i] = max(largest.get(i, 1e-30), float(np.max(np.abs(b))))
         error = float(np.max(np.abs(a - b))) / largest[i]
         if error > worst:
@@ -109,9 +103,9 @@ def worst_step_error(
   runs over the leaf's coordinates and every step (`initial`: the parameters before step 0)."""
   worst, where = 0.0, ""
   for i, x0 in enumerate(initial):
-    shape = _real(x0).shape
-    a = np.stack([_real(x0)] + [_real(step[i]) for step in ours["params"]])
-    b = np.stack([_real(x0)] + [_real(step[i]).reshape(shape) for step in theirs["params"]])
+    shape = as_real(x0).shape
+    a = np.stack([as_real(x0)] + [as_real(step[i]) for step in ours["params"]])
+    b = np.stack([as_real(x0)] + [as_real(step[i]).reshape(shape) for step in theirs["params"]])
     step_a, step_b = np.diff(a, axis=0), np.diff(b, axis=0)
     miss = np.abs(step_a - step_b).reshape(len(step_a), -1)
     error = float(np.linalg.norm(miss)) / max(float(np.linalg.norm(step_b)), 1e-30)
@@ -144,7 +138,7 @@ def inputs_digest(case: parity_cases.Case) -> str:
 
 def encode(record: dict[str, list]) -> dict[str, list]:
   return {
-    key: [[_real(x).astype(np.float32).tolist() for x in step] for step in steps]
+    key: [[as_real(x).astype(np.float32).tolist() for x in step] for step in steps]
     for key, steps in record.items()
   }
 
