@@ -49,9 +49,6 @@ def private_api() -> PrivateApi:
   missing: list[str] = []
   needs_devices = _lookup(DEVICES_DURING_LOWERING, missing)
   sharding_context = _lookup(SHARDING_CONTEXT, missing)
-  if needs_devices is not None and not hasattr(needs_devices, "add"):
-    missing.append(f"{DEVICES_DURING_LOWERING} (a {type(needs_devices).__name__}, not a set)")
-    needs_devices = None
 
   def lower_with_devices(primitive) -> bool:
     if needs_devices is None:
