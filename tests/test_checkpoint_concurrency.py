@@ -30,7 +30,7 @@ import pytest
 
 import optax_adadelta
 from optax_adadelta import checkpoint
-from tests.helpers import free_port
+from tests.helpers import free_port, worker_env
 
 SIZE = 200_000  # float32 per array: 2.4 MB per checkpoint, long enough for the saves to overlap
 MANAGED_STEP = 7  # both writers of a managed trial save this step
@@ -76,10 +76,6 @@ WRITER = textwrap.dedent(
 )
 
 
-def _env() -> dict[str, str]:
-  return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-
-
 def _run_writers(mode: str, root: Path, trials: int) -> dict[int, dict[int, str]]:
   """Runs the two writers; returns {trial: {writer: "ok" or the error}}."""
   root.mkdir(parents=True, exist_ok=True)
@@ -89,7 +85,7 @@ def _run_writers(mode: str, root: Path, trials: int) -> dict[int, dict[int, str]
       [*command, str(w), str(trials), str(SIZE), str(MANAGED_STEP)],
       stdout=subprocess.PIPE,
       stderr=subprocess.PIPE,
-      env=_env(),
+      env=worker_env(),
       text=True,
     )
     for w in (1, 2)
@@ -316,7 +312,7 @@ def test_a_two_process_save_to_a_path_in_use_fails_on_every_process_then_succeed
   lock = os.open(str(path) + ".optax_adadelta-lock", os.O_RDWR | os.O_CREAT)
   fcntl.flock(lock, fcntl.LOCK_EX)
   os.write(lock, b"held by the test")
-  env = {**_env(), "XLA_FLAGS": ""}
+  env = worker_env()
   command = [sys.executable, "-c", JOB_WRITER, str(port)]
   workers = [
     subprocess.Popen(
@@ -400,7 +396,7 @@ def test_a_save_into_a_read_only_directory_fails_at_once_and_the_process_exits(m
       [*_without_root_override(), sys.executable, "-c", READ_ONLY_WRITER, mode, str(target)],
       capture_output=True,
       text=True,
-      env=_env(),
+      env=worker_env(),
       timeout=200,
     )
   finally:
