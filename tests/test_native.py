@@ -208,6 +208,26 @@ def test_traced_hyper_parameters_use_xla_and_native_refuses_them():
     jax.jit(lambda rho: optax_adadelta.adadelta(rho=rho, implementation="native")).lower(0.9)
 
 
+def test_decide_gives_the_kernels_constants_or_the_first_reason_against():
+  """The one decision: (ρ, 1 − ρ, ε) in double precision; a format's own refusal first, then
+  the update rule; "auto" takes XLA quietly where "native" raises, "jax" never asks."""
+  assert native.decide(0.9, 1e-6, "default", "auto") == (0.9, 1 - 0.9, 1e-6)
+  assert native.decide(np.float32(0.5), 1e-3, "default", "native") == (0.5, 0.5, 1e-3)
+  assert native.decide(0.9, 1e-6, "default", "jax") is None
+  refusal = "the 16-bit state is updated by XLA"
+  assert native.decide(0.9, 1e-6, "pytorch", "auto", refusal) is None
+  with pytest.raises(
+    ValueError, match=f"^implementation='native' is not possible here: {refusal}$"
+  ):
+    native.decide(0.9, 1e-6, "pytorch", "native", refusal)
+  with pytest.raises(
+    ValueError, match=r"not possible here: .*update_rule='default' only, got 'keras'"
+  ):
+    native.decide(0.9, 1e-6, "keras", "native")
+  with pytest.raises(ValueError, match="not traced arrays"):
+    native.decide(np.array([0.9]), 1e-6, "default", "native")
+
+
 def test_without_a_compiler_auto_falls_back_and_says_why(tmp_path):
   """A fresh process with no compiler and an empty cache: pure JAX, and the reason."""
   script = (
