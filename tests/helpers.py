@@ -33,7 +33,8 @@ def ulps(got, want) -> np.ndarray:
 
   Symmetric: the unit is the finer spacing of the two values, so a difference across a power of
   two is counted in the smaller number's ulps (never fewer ulps than either value's own spacing
-  gives). Equal values (infinities included) and NaN against NaN: 0; NaN against a number: inf.
+  gives). Equal values (infinities included) and NaN against NaN: 0; NaN or an infinity against a
+  different value: inf.
   Complex: the worse of the real and imaginary parts. To count in another dtype's ulps (for
   example bfloat16 values in float32 ulps), cast both arrays first.
   """
@@ -51,9 +52,9 @@ def ulps(got, want) -> np.ndarray:
   spacing = np.fmin(np.spacing(np.abs(got)), np.spacing(np.abs(want))).astype(np.float64)
   with np.errstate(invalid="ignore"):
     distance = np.abs(wide_got - wide_want) / spacing
-  one_nan = np.isnan(wide_got) != np.isnan(wide_want)
+  unbounded = np.isnan(wide_got) | np.isnan(wide_want) | np.isinf(wide_got) | np.isinf(wide_want)
   same = (wide_got == wide_want) | (np.isnan(wide_got) & np.isnan(wide_want))
-  return np.where(same, 0.0, np.where(one_nan, np.inf, distance))
+  return np.where(same, 0.0, np.where(unbounded, np.inf, distance))
 
 
 def worst_ulps(got, want) -> float:
