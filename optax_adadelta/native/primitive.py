@@ -46,6 +46,7 @@ class Kernel:
   n_in: int  # operands per leaf, the gradient first
   n_out: int  # results per leaf, shaped like the leaf's first n_out operands
   call: Callable[..., Sequence[jax.Array]]  # (config, *operands) -> results, by the FFI call
+  # A leaf's leading vmap axes that `pure` must be vmapped over (an elementwise update: none).
   batch_rank: Callable[[Sequence[jax.Array]], int] = lambda leaf: 0
   # Whether each device may update its own shards of a leaf: every operand and result is
   # shaped like the gradient and follows its sharding (so n_in == n_out).
@@ -60,7 +61,8 @@ def kernel_primitive(kernel: Kernel) -> Callable[..., list]:
   """`bind(*operands, config, pure)`: the kernel's primitive with all its rules.
 
   `config` (hashable: the kernel's constants) and `pure` (the pure-JAX update of one leaf's
-  operands) are static; pass the same `pure` object on every step, or jit recompiles.
+  operands) are static: an eager call compiles once per `pure` object, so make it once per
+  transformation, not once per step.
   """
   primitive = Primitive(kernel.target)
   primitive.multiple_results = True
