@@ -1,11 +1,18 @@
 """Adadelta (Zeiler 2012) for JAX, as optax gradient transformations."""
 
 from optax_adadelta import interop, presets, sharding
-from optax_adadelta._adadelta import ScaleByAdadeltaState, adadelta, scale_by_adadelta
-from optax_adadelta._codes_8bit import QuantizedAverage
-from optax_adadelta._low_memory import LowMemoryAdadeltaState
-from optax_adadelta._native import is_available as native_available
-from optax_adadelta._packed import PackedAdadeltaState, PackedLayout
+from optax_adadelta._adadelta import adadelta, scale_by_adadelta
+from optax_adadelta.formats.codes_8bit import QuantizedAverage
+from optax_adadelta.formats.eight_bit import scale_by_adadelta_8bit
+from optax_adadelta.formats.full import ScaleByAdadeltaState
+from optax_adadelta.formats.low_memory import LowMemoryAdadeltaState
+from optax_adadelta.formats.packed import (
+  PackedAdadeltaState,
+  PackedLayout,
+  scale_by_adadelta_packed,
+)
+from optax_adadelta.formats.rounded16 import scale_by_adadelta_16bit
+from optax_adadelta.native import is_available as native_available
 from optax_adadelta.transforms import (
   AccumulateGradientsState,
   ParamsEmaState,
@@ -34,5 +41,8 @@ __all__ = [
   "params_ema",
   "presets",
   "scale_by_adadelta",
+  "scale_by_adadelta_8bit",
+  "scale_by_adadelta_16bit",
+  "scale_by_adadelta_packed",
   "sharding",
 ]

@@ -2,38 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple, TypeAlias
+from typing import Any, Literal, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from optax_adadelta import _checks, _low_memory, _native, _native_8bit, _packed, _rules
+from optax_adadelta import _checks, _rules, formats
+from optax_adadelta.formats import base
 
 Scalar: TypeAlias = float | jax.Array
 Implementation: TypeAlias = Literal["auto", "native", "jax"]
-
-
-class ScaleByAdadeltaState(NamedTuple):
-  """State of :func:`scale_by_adadelta`: two trees shaped like the parameters.
-
-  Attributes:
-    e_g2: E[g²], the running average of squared gradients.
-    e_dx2: E[Δx²], the running average of squared (unscaled) steps.
-
-  Both start at zero. For a complex parameter the leaf is complex: its real part holds the
-  average for the real coordinate and its imaginary part the average for the imaginary
-  coordinate (PyTorch's ``view_as_real`` layout).
-  """
-
-  e_g2: optax.Params
-  e_dx2: optax.Params
-
-
-# So that a `jax.export`-ed step taking this state can be serialized.
-jax.export.register_namedtuple_serialization(
-  ScaleByAdadeltaState, serialized_name="optax_adadelta.ScaleByAdadeltaState"
-)
 
 
 def scale_by_adadelta(
@@ -86,7 +65,7 @@ def scale_by_adadelta(
       otherwise passes two state arrays per leaf (1,000 leaves: 1.8–2.5× faster). Opt-in:
       its packed part does not mirror the parameters, so it takes no per-leaf sharding,
       ZeRO split, low-memory format or ``interop``. Real leaves of one floating dtype only;
-      the same numbers either way.
+      the same numbers either way. The same as :func:`scale_by_adadelta_packed`.
     stochastic_rounding: round each new average stochastically and without bias when the
       state is narrower than float32 (``accumulator_dtype=jnp.bfloat16``, or the 8-bit
       codes, whose E[g²] rounding is lifted so that the steps stay unbiased);
@@ -117,124 +96,18 @@ def scale_by_adadelta(
     M. D. Zeiler, "ADADELTA: An Adaptive Learning Rate Method", 2012, arXiv:1212.5701,
     Algorithm 1.
   """
-  _checks.check_in_range("rho", rho, low=0.0, high=1.0, low_open=False)
-  _checks.check_in_range("eps", eps, low=0.0, high=None, low_open=True)
-  accumulator_dtype = _checks.check_accumulator_dtype(accumulator_dtype)
-  _checks.check_choice("update_rule", update_rule, _rules.RULES)
-  _checks.check_choice("implementation", implementation, ("auto", "native", "jax"))
-  _checks.check_flag("packed_state", packed_state)
-  low_memory = stochastic_rounding or state_bits is not None
-  rounding = _checks.check_low_memory(
-    state_bits, stochastic_rounding, min_8bit_size, accumulator_dtype
+  options = base.options(
+    rho,
+    eps,
+    accumulator_dtype=accumulator_dtype,
+    update_rule=update_rule,
+    implementation=implementation,
+    packed_state=packed_state,
+    stochastic_rounding=stochastic_rounding,
+    state_bits=state_bits,
+    min_8bit_size=min_8bit_size,
   )
-  update_leaf = _leaf_update(_rules.RULES[update_rule], rho, eps)
-  if low_memory:
-    if packed_state:
-      raise ValueError(
-        "packed_state=True cannot be combined with stochastic_rounding=True or state_bits=8: "
-        "the low-memory state mirrors the parameters leaf by leaf; drop one of the two"
-      )
-    if state_bits is None and implementation == "native":
-      raise ValueError(
-        "implementation='native' cannot be combined with stochastic_rounding=True without "
-        "state_bits=8: the 16-bit low-memory state is updated by XLA; drop one of the two"
-      )
-    hyper = None if state_bits is None else _native_hyper(rho, eps, update_rule, implementation)
-    return _low_memory.scale_by_adadelta_low_memory(
-      update_leaf,
-      accumulator_dtype,
-      rho,
-      eps,
-      state_bits=state_bits,
-      stochastic_rounding=rounding,
-      min_8bit_size=4096 if min_8bit_size is None else int(min_8bit_size),
-      update_quantized_leaves=None
-      if hyper is None
-      else _native_8bit.updater(hyper, update_leaf, rounding),
-    )
-  hyper = _native_hyper(rho, eps, update_rule, implementation)
-  if packed_state:
-    return _packed.scale_by_adadelta_packed(update_leaf, accumulator_dtype, hyper)
-
-  def init_fn(params):
-    def zeros(path, p):  # zeros_like keeps the parameter's sharding
-      return jnp.zeros_like(p, dtype=_checks.state_dtype(path, p, accumulator_dtype))
-
-    return ScaleByAdadeltaState(  # two trees: aliased buffers could not both be donated
-      e_g2=jax.tree_util.tree_map_with_path(zeros, params),
-      e_dx2=jax.tree_util.tree_map_with_path(zeros, params),
-    )
-
-  def update_fn(updates, state, params=None):
-    del params
-    _checks.check_gradients(updates, state)
-    if hyper is None:
-      results = jax.tree.map(update_leaf, updates, state.e_g2, state.e_dx2, is_leaf=_is_none)
-    else:
-      results = _native.update_tree(updates, state.e_g2, state.e_dx2, hyper, update_leaf)
-    steps, e_g2, e_dx2 = _unzip3(updates, results)
-    return steps, ScaleByAdadeltaState(e_g2=e_g2, e_dx2=e_dx2)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _leaf_update(rule, rho, eps):
-  """`(g, E[g²], E[Δx²]) -> (Δx, E[g²], E[Δx²])` for one leaf by `rule`, in at least float32.
-
-  A None gradient (a frozen parameter) leaves its state as it is.
-  """
-  one_minus_rho = 1 - rho  # in double precision when rho is a Python float
-
-  def update_leaf(g, e_g2, e_dx2):
-    if g is None:
-      return None, e_g2, e_dx2
-    g = jnp.asarray(g)
-    dtype = jnp.promote_types(jnp.real(e_g2).dtype, jnp.real(g).dtype)
-    dtype = jnp.promote_types(dtype, jnp.float32)
-    hyper = [jnp.asarray(h, dtype) for h in (rho, one_minus_rho, eps)]
-    per_part = [
-      rule(*(part.astype(dtype) for part in parts), *hyper)
-      for parts in zip(_real_parts(g), _real_parts(e_g2), _real_parts(e_dx2), strict=True)
-    ]
-    columns = zip(*per_part, strict=True)
-    return tuple(_from_parts(c, x.dtype) for c, x in zip(columns, (g, e_g2, e_dx2), strict=True))
-
-  return update_leaf
-
-
-def _real_parts(x: jax.Array) -> tuple[jax.Array, ...]:
-  return (jnp.real(x), jnp.imag(x)) if jnp.iscomplexobj(x) else (x,)
-
-
-def _from_parts(parts, dtype) -> jax.Array:
-  whole = jax.lax.complex(*parts) if len(parts) == 2 else parts[0]
-  return whole.astype(dtype)
-
-
-def _unzip3(updates, results):
-  """Three trees shaped like `updates` from its tree of (Δx, E[g²], E[Δx²]) triples."""
-  treedef: Any = jax.tree.structure(updates, is_leaf=_is_none)
-  columns = list(zip(*treedef.flatten_up_to(results), strict=True)) or [(), (), ()]
-  return tuple(treedef.unflatten(column) for column in columns)
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
-
-
-def _native_hyper(rho, eps, update_rule, implementation) -> _native.Hyper | None:
-  """(ρ, 1−ρ, ε) for the native kernel, or None to use XLA (an error if it must be native)."""
-  if implementation == "jax":
-    return None
-  hyper = _native.static_hyper(rho, eps)
-  reason = _native.unavailable_reason()
-  if update_rule != "default":
-    reason = f"the kernel computes update_rule='default' only, got {update_rule!r}"
-  elif hyper is None and reason is None:
-    reason = "rho and eps must be Python numbers or concrete scalars, not traced arrays"
-  if reason is not None and implementation == "native":
-    raise ValueError(f"implementation='native' is not possible here: {reason}")
-  return hyper if reason is None else None
+  return formats.choose(options).transformation(options)
 
 
 def adadelta(
@@ -368,6 +241,6 @@ def _in_updates_dtype(inner: optax.GradientTransformation) -> optax.GradientTran
   def update_fn(updates, state, params=None):
     new_updates, state = inner.update(updates, state, params)
     cast = lambda new, old: new if old is None else new.astype(jnp.result_type(old))
-    return jax.tree.map(cast, new_updates, updates, is_leaf=_is_none), state
+    return jax.tree.map(cast, new_updates, updates, is_leaf=base.is_none), state
 
   return optax.GradientTransformation(inner.init, update_fn)

@@ -234,15 +234,10 @@ def _list_names(names: tuple[str, ...], most: int = 12) -> str:
   return f"leaves {shown}{more}" if names else "no leaves"
 
 
-def check_gradients(updates: Any, state: Any) -> None:
-  """Raises a clear error unless `updates` fit the per-leaf `state` that init built."""
-  if not (hasattr(state, "e_g2") and hasattr(state, "e_dx2")) or hasattr(state, "layout"):
-    raise TypeError(
-      f"scale_by_adadelta expects a ScaleByAdadeltaState, got {type(state).__name__}; build "
-      "the state with the same transform's init"
-    )
+def check_gradients(updates: Any, e_g2_tree: Any) -> None:
+  """Raises a clear error unless `updates` fit `e_g2_tree`, a per-leaf average init built."""
   paths, grads, treedef = flatten_gradients(updates)
-  e_g2 = leaves_like_state(treedef, state.e_g2, "e_g2")
+  e_g2 = leaves_like_state(treedef, e_g2_tree, "e_g2")
   for path, g, a in zip(paths, grads, e_g2, strict=True):
     if g is not None:
       check_gradient_leaf(path, g, a)

@@ -22,65 +22,51 @@ the parameter EMA's; ``presets.tfjs`` always has one).
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_adadelta import _low_memory
-from optax_adadelta._adadelta import ScaleByAdadeltaState
-from optax_adadelta._packed import PackedAdadeltaState
+from optax_adadelta import formats
 from optax_adadelta.transforms import ParamsEmaState
 
 _COUNTED = (optax.ScaleByScheduleState, ParamsEmaState)
 
 
-def _is_adadelta(x: Any) -> bool:
-  return isinstance(x, ScaleByAdadeltaState)
+class _Found(NamedTuple):  # the one Adadelta state in an optax state
+  state: Any
+  format: Any
+  e_g2: Any
+  e_dx2: Any
 
 
-def _adadelta_state(opt_state: Any, exporting: bool = False) -> ScaleByAdadeltaState:
-  """The one Adadelta state in opt_state; a low-memory one dequantized (exporting only)."""
-  low = _low_memory.LowMemoryAdadeltaState
-  is_low = lambda x: isinstance(x, low)
-  lows = [s for s in jax.tree.leaves(opt_state, is_leaf=is_low) if is_low(s)]
-  if lows and not exporting:
-    raise ValueError(
-      "interop.from_torch/from_keras/from_tfjs cannot load into a low-memory state "
-      "(stochastic_rounding=True or state_bits=8): load into the optimizer's float32 "
-      "state (the same optimizer without those keywords); to_torch/to_keras export a "
-      "low-memory state as float32 (dequantized)"
-    )
-  plain = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adadelta) if _is_adadelta(s)]
-  if len(lows) == 1 and not plain:
-    widen = _low_memory.average_values
-    return ScaleByAdadeltaState(widen(lows[0].e_g2), widen(lows[0].e_dx2))
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=_is_adadelta) if _is_adadelta(s)]
-  is_packed = lambda x: isinstance(x, PackedAdadeltaState)
-  if not found and any(is_packed(s) for s in jax.tree.leaves(opt_state, is_leaf=is_packed)):
-    raise ValueError(
-      "interop does not convert the packed state (packed_state=True): convert the state of "
-      "the same optimizer built with packed_state=False"
-    )
+def _adadelta_state(opt_state: Any, loading: bool = False) -> _Found:
+  """The one Adadelta state in opt_state; its format says what it holds (or why not)."""
+  found = _nodes(opt_state, formats.is_state)
   if len(found) != 1:
     raise ValueError(
       f"opt_state must hold exactly one ScaleByAdadeltaState, found {len(found)}; "
       "pass the state of an optax_adadelta optimizer (adadelta() or a preset)"
     )
-  return found[0]
+  fmt = formats.format_of(found[0])
+  assert fmt is not None
+  e_g2, e_dx2 = fmt.averages(found[0])  # raises for a format that does not convert
+  if loading:  # a format that cannot be loaded refuses now, before anything is converted
+    fmt.with_averages(found[0], e_g2, e_dx2)
+  return _Found(found[0], fmt, e_g2, e_dx2)
 
 
-def _replace(opt_state: Any, e_g2: list, e_dx2: list, step: int | None, ema: list | None = None):
+def _replace(ours: _Found, opt_state: Any, e_g2: list, e_dx2: list, step, ema=None):
   """A copy of opt_state with new Adadelta leaves, step counters and EMA."""
+  unflatten = lambda leaves: jax.tree.unflatten(jax.tree.structure(ours.e_g2), leaves)
+  new = ours.format.with_averages(ours.state, unflatten(e_g2), unflatten(e_dx2))
 
   def swap(node):
-    if _is_adadelta(node):
-      treedef = jax.tree.structure(node.e_g2)
-      return ScaleByAdadeltaState(
-        jax.tree.unflatten(treedef, e_g2), jax.tree.unflatten(treedef, e_dx2)
-      )
+    if formats.is_state(node):
+      return new
     if isinstance(node, ParamsEmaState) and step is not None:
       average = node.ema if ema is None else jax.tree.unflatten(jax.tree.structure(node.ema), ema)
       return ParamsEmaState(steps=jnp.asarray(step, jnp.int32), ema=average)
@@ -88,7 +74,8 @@ def _replace(opt_state: Any, e_g2: list, e_dx2: list, step: int | None, ema: lis
       return optax.ScaleByScheduleState(count=jnp.asarray(step, jnp.int32))
     return node
 
-  return jax.tree.map(swap, opt_state, is_leaf=lambda x: _is_adadelta(x) or isinstance(x, _COUNTED))
+  is_leaf = lambda x: formats.is_state(x) or isinstance(x, _COUNTED)
+  return jax.tree.map(swap, opt_state, is_leaf=is_leaf)
 
 
 def _checked(values: list, like: list, source: str, field: str | None = None) -> list:
@@ -124,9 +111,11 @@ def _checked(values: list, like: list, source: str, field: str | None = None) ->
   return out
 
 
-def _parameter_indices(state_dict: Any, what: str) -> list:
-  """The parameter indices of a state_dict's param_groups, in order, or a clear error."""
-  if not isinstance(state_dict, dict) or not isinstance(state_dict.get("param_groups"), list):
+def _parameter_indices(state_dict: Any, what: str, keys: tuple[str, ...] = ()) -> list:
+  """The parameter indices of a state_dict's param_groups, in order, or a clear error; the
+  state_dict must also have `keys`."""
+  dict_like = isinstance(state_dict, dict) and set(keys) <= set(state_dict)
+  if not dict_like or not isinstance(state_dict.get("param_groups"), list):
     got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
     raise ValueError(
       f"{what} must be torch.optim.Adadelta(...).state_dict(), a dict with 'state' and a "
@@ -143,9 +132,22 @@ def _parameter_indices(state_dict: Any, what: str) -> list:
   return indices
 
 
-def _check_step(step: Any) -> None:
+def _check_torch_count(indices: list, like: list) -> None:
+  if len(indices) != len(like):
+    raise ValueError(
+      f"the PyTorch optimizer has {len(indices)} parameters but the optax state has "
+      f"{len(like)} leaves; build both on the same parameters, in the same order"
+    )
+
+
+def _export_step(opt_state: Any, step: Any) -> int:
+  """The step count to export: `step`, else the optax state's own counter (if it has one)."""
+  step = _step_count(opt_state) if step is None else step
+  if step is None:
+    raise ValueError("this optax state counts no steps: pass step=<number of steps taken>")
   if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
     raise ValueError(f"step must be an int >= 0, the number of steps taken; got {step!r}")
+  return int(step)
 
 
 def _torch_step(step: Any, what: str) -> int:
@@ -159,12 +161,13 @@ def _torch_step(step: Any, what: str) -> int:
   return int(value)
 
 
+def _nodes(tree: Any, test: Callable[[Any], bool]) -> list:
+  """The nodes of `tree` that pass `test`, in ``jax.tree.leaves`` order."""
+  return [node for node in jax.tree.leaves(tree, is_leaf=test) if test(node)]
+
+
 def _step_count(opt_state: Any) -> int | None:
-  counted = [
-    s
-    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, _COUNTED))
-    if isinstance(s, _COUNTED)
-  ]
+  counted = _nodes(opt_state, lambda x: isinstance(x, _COUNTED))
   if not counted:
     return None
   first = counted[0]
@@ -181,20 +184,10 @@ def _to_numpy(x: Any) -> np.ndarray:
 def from_torch(opt_state: Any, state_dict: dict) -> Any:
   """``opt_state`` with E[g²], E[Δx²] and the step taken from ``torch.optim.Adadelta``'s
   ``state_dict()`` (``square_avg``, ``acc_delta``, ``step``)."""
-  if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
-    got = sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__
-    raise ValueError(
-      "state_dict must be torch.optim.Adadelta(...).state_dict(), a dict with 'state' and "
-      f"'param_groups'; got {got}"
-    )
-  indices = _parameter_indices(state_dict, "state_dict")
-  ours = _adadelta_state(opt_state)
+  indices = _parameter_indices(state_dict, "state_dict", keys=("state",))
+  ours = _adadelta_state(opt_state, loading=True)
   like = jax.tree.leaves(ours.e_g2)
-  if len(indices) != len(like):
-    raise ValueError(
-      f"the PyTorch optimizer has {len(indices)} parameters but the optax state has "
-      f"{len(like)} leaves; build both on the same parameters, in the same order"
-    )
+  _check_torch_count(indices, like)
   if not isinstance(state_dict["state"], dict):
     kind = type(state_dict["state"]).__name__
     raise ValueError(f"state_dict['state'] must be a dict of per-parameter state, got {kind}")
@@ -212,14 +205,9 @@ def from_torch(opt_state: Any, state_dict: dict) -> Any:
       raise ValueError(
         f"PyTorch parameter {i} has no {sorted(missing)}: is this an Adadelta state?"
       )
-  e_g2 = [
-    _to_numpy(s["square_avg"]) if s else np.zeros(r.shape, r.dtype)
-    for s, r in zip(per_param, like, strict=True)
-  ]
-  e_dx2 = [
-    _to_numpy(s["acc_delta"]) if s else np.zeros(r.shape, r.dtype)
-    for s, r in zip(per_param, like, strict=True)
-  ]
+  zeros = [np.zeros(r.shape, r.dtype) for r in like]  # for parameters without state yet
+  arrays = lambda key: [_to_numpy(s[key]) if s else zeros[n] for n, s in enumerate(per_param)]
+  read = lambda key: _checked(arrays(key), like, "the PyTorch state_dict", key)
   steps = {
     _torch_step(s["step"], f"the step of PyTorch parameter {i}")
     for i, s in zip(indices, per_param, strict=True)
@@ -231,9 +219,10 @@ def from_torch(opt_state: Any, state_dict: dict) -> Any:
       "keeps one count for all: convert a state whose parameters all took the same steps"
     )
   return _replace(
+    ours,
     opt_state,
-    _checked(e_g2, like, "the PyTorch state_dict", "square_avg"),
-    _checked(e_dx2, like, "the PyTorch state_dict", "acc_delta"),
+    read("square_avg"),
+    read("acc_delta"),
     steps.pop() if steps else 0,
   )
 
@@ -251,17 +240,10 @@ def to_torch(opt_state: Any, template: dict, step: int | None = None) -> dict:
   import torch
 
   indices = _parameter_indices(template, "template")
-  ours = _adadelta_state(opt_state, exporting=True)
+  ours = _adadelta_state(opt_state)
   e_g2, e_dx2 = jax.tree.leaves(ours.e_g2), jax.tree.leaves(ours.e_dx2)
-  if len(indices) != len(e_g2):
-    raise ValueError(
-      f"the PyTorch optimizer has {len(indices)} parameters but the optax state has "
-      f"{len(e_g2)} leaves; build both on the same parameters, in the same order"
-    )
-  step = _step_count(opt_state) if step is None else step
-  if step is None:
-    raise ValueError("this optax state counts no steps: pass step=<number of steps taken>")
-  _check_step(step)
+  _check_torch_count(indices, e_g2)
+  step = _export_step(opt_state, step)
   state = {
     i: {
       "step": torch.tensor(float(step)),
@@ -298,12 +280,14 @@ def from_keras(opt_state: Any, optimizer: Any) -> Any:
   ``accumulated_grad``, ``accumulated_delta_var``, ``iterations`` and, with
   ``use_ema``, the parameter averages."""
   slots = _keras_slots(optimizer)
-  like = jax.tree.leaves(_adadelta_state(opt_state).e_g2)
+  ours = _adadelta_state(opt_state, loading=True)
+  like = jax.tree.leaves(ours.e_g2)
   convert = lambda variables, field=None: _checked(
     [_to_numpy(v.value) for v in variables], like, "the Keras optimizer", field
   )
   ema = convert(slots["ema"]) if slots["ema"] else None
   return _replace(
+    ours,
     opt_state,
     convert(slots["e_g2"], "accumulated_grad"),
     convert(slots["e_dx2"], "accumulated_delta_var"),
@@ -319,10 +303,9 @@ def to_keras(opt_state: Any, optimizer: Any, step: int | None = None) -> None:
   (it matters to Keras for learning-rate schedules and the EMA).
   """
   slots = _keras_slots(optimizer)
-  ours = _adadelta_state(opt_state, exporting=True)
-  step = _step_count(opt_state) if step is None else step
-  if step is not None:
-    _check_step(step)  # before anything is written
+  ours = _adadelta_state(opt_state)
+  if step is not None or _step_count(opt_state) is not None:  # checked before any write
+    step = _export_step(opt_state, step)
   for name, values in (("e_g2", ours.e_g2), ("e_dx2", ours.e_dx2)):
     leaves = jax.tree.leaves(values)
     _checked([_to_numpy(v.value) for v in slots[name]], leaves, "the Keras optimizer")
@@ -330,11 +313,7 @@ def to_keras(opt_state: Any, optimizer: Any, step: int | None = None) -> None:
       variable.assign(np.asarray(value))
   if step is not None:
     optimizer.iterations.assign(step)
-  averages = [
-    s
-    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, ParamsEmaState))
-    if isinstance(s, ParamsEmaState)
-  ]
+  averages = _nodes(opt_state, lambda x: isinstance(x, ParamsEmaState))
   if slots["ema"] and averages:
     for variable, value in zip(slots["ema"], jax.tree.leaves(averages[0].ema), strict=True):
       variable.assign(np.asarray(value))
@@ -370,7 +349,8 @@ def from_tfjs(opt_state: Any, weights: Any) -> Any:
   ``optimizer.getWeights()`` (tfjs-core 4.22). A flat (1-D) array of the right size is
   reshaped to its leaf's shape; any other shape must match exactly."""
   pairs = _tfjs_pairs(weights)
-  like = jax.tree.leaves(_adadelta_state(opt_state).e_g2)
+  ours = _adadelta_state(opt_state, loading=True)
+  like = jax.tree.leaves(ours.e_g2)
   if not pairs or pairs[0][0] != "iter":
     first = pairs[0][0] if pairs else None
     raise ValueError(
@@ -398,6 +378,7 @@ def from_tfjs(opt_state: Any, weights: Any) -> Any:
     for (_, value), ref in zip(half, like, strict=True)
   ]
   return _replace(
+    ours,
     opt_state,
     _checked(fit(halves[0]), like, "TF.js's saved state", "accum_grad"),
     _checked(fit(halves[1]), like, "TF.js's saved state", "accum_var"),
@@ -418,7 +399,7 @@ def to_tfjs(
     step: the iteration count to record; by default the optax state's own counter
       (``presets.tfjs`` has one), else required.
   """
-  ours = _adadelta_state(opt_state, exporting=True)
+  ours = _adadelta_state(opt_state)
   with_paths = jax.tree_util.tree_flatten_with_path(ours.e_g2)[0]
   if variable_names is None:
     variable_names = [jax.tree_util.keystr(path) or "leaf" for path, _ in with_paths]
@@ -427,10 +408,7 @@ def to_tfjs(
       f"variable_names has {len(variable_names)} names but the optax state has "
       f"{len(with_paths)} leaves"
     )
-  step = _step_count(opt_state) if step is None else step
-  if step is None:
-    raise ValueError("this optax state counts no steps: pass step=<number of steps taken>")
-  _check_step(step)
+  step = _export_step(opt_state, step)
   e_g2, e_dx2 = jax.tree.leaves(ours.e_g2), jax.tree.leaves(ours.e_dx2)
   return [
     ("iter", np.asarray(step, np.int32)),

@@ -43,6 +43,8 @@ import jax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from optax_adadelta import formats
+
 Axis = str | Sequence[str]
 
 
@@ -81,21 +83,6 @@ def _leaf_sharding(leaf: Any, mesh: Mesh, names: tuple[str, ...]) -> NamedShardi
   return NamedSharding(mesh, P(*spec))
 
 
-def _refuse_packed(abstract_state: Any) -> None:
-  from optax_adadelta import PackedAdadeltaState
-
-  def is_packed(node: Any) -> bool:
-    return isinstance(node, PackedAdadeltaState)
-
-  if any(is_packed(n) for n in jax.tree.leaves(abstract_state, is_leaf=is_packed)):
-    raise TypeError(
-      "state_shardings cannot split a PackedAdadeltaState (adadelta(packed_state=True)): "
-      "its flat array concatenates the small leaves inside the update, so every step "
-      "would gather the gradients to re-split them. Build the optimizer with "
-      "packed_state=False (the default) for a ZeRO-sharded state."
-    )
-
-
 def state_shardings(abstract_state: Any, mesh: Mesh, axis: Axis = "data") -> Any:
   """Shardings that split every leaf of an optimizer state over one mesh axis (ZeRO-1).
 
@@ -125,41 +112,13 @@ def state_shardings(abstract_state: Any, mesh: Mesh, axis: Axis = "data") -> Any
     ValueError: ``axis`` names an axis the mesh does not have.
   """
   names = _axis_names(mesh, axis)
-  _refuse_packed(abstract_state)
-  return jax.tree.map(
-    lambda leaf: (
-      _quantized_sharding(leaf, mesh, names)
-      if _is_quantized(leaf)
-      else _leaf_sharding(leaf, mesh, names)
-    ),
-    abstract_state,
-    is_leaf=_is_quantized,
-  )
+  leaf_sharding = lambda leaf: _leaf_sharding(leaf, mesh, names)
 
+  def one(node: Any) -> Any:  # an Adadelta state's format says how it splits
+    fmt = formats.format_of(node)
+    return leaf_sharding(node) if fmt is None else fmt.zero_shardings(node, leaf_sharding)
 
-def _is_quantized(node: Any) -> bool:
-  from optax_adadelta import QuantizedAverage
-
-  return isinstance(node, QuantizedAverage)
-
-
-def _quantized_sharding(average: Any, mesh: Mesh, names: tuple[str, ...]) -> Any:
-  """An 8-bit average's codes and block scales, split along the dimension the gradient of
-  its parameter is split along (:func:`shard_gradients`), with whole blocks per device."""
-  shape, blocks = tuple(average.codes.shape), average.scale.shape[-1]
-  size = math.prod(mesh.shape[n] for n in names)
-  dim = _split_dimension(shape, size)
-  if dim == len(shape) - 1 and blocks % size:
-    raise ValueError(
-      f"state_shardings would split an 8-bit average of shape {shape} along its last axis "
-      f"into {size} pieces, but its {blocks} blocks of {shape[-1] // blocks} do not divide "
-      "evenly among them. Call tx.init on parameters laid out as the split (jax.device_put("
-      "params, state_shardings(params, mesh))): the blocks then fit in each piece."
-    )
-  spec: list[Any] = [None] * len(shape)
-  if dim is not None:
-    spec[dim] = names[0] if len(names) == 1 else names
-  return type(average)(NamedSharding(mesh, P(*spec)), NamedSharding(mesh, P(*spec)))
+  return jax.tree.map(one, abstract_state, is_leaf=formats.is_state)
 
 
 def _constrain(tree: Any, shardings: Any) -> Any:

@@ -26,7 +26,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optax_adadelta
-from optax_adadelta import _packed, checkpoint, interop, presets
+from optax_adadelta import checkpoint, interop, presets
+from optax_adadelta.formats import packed
 from tests import fuzz_strategies as fs
 from tests import reference
 
@@ -52,7 +53,7 @@ def test_adadelta_and_scale_by_adadelta_follow_the_reference_or_name_the_bad_arg
   grads = fs.draw_grads(data, rng, params, steps, eps=kwargs.get("eps", 1.0))
   want = fs.adadelta_reference(params, grads, kwargs, options, full)
   small = options["packed_state"] and data.draw(st.booleans(), "some leaves unpacked")
-  with mock.patch.object(_packed, "PACKED_BELOW", 4 if small else _packed.PACKED_BELOW):
+  with mock.patch.object(packed, "PACKED_BELOW", 4 if small else packed.PACKED_BELOW):
     fs.follow(make(**kwargs, **options), params, grads, want, check_every=not narrow)
 
 

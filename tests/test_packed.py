@@ -88,13 +88,22 @@ def test_packed_state_gives_the_same_bits_as_the_per_leaf_state(implementation, 
       np.testing.assert_array_equal(np.asarray(got, np.float32), want)
 
 
-def test_packed_trajectory_follows_the_float64_reference():
+BUILDERS = {  # the flag of adadelta, and the packed format's own transformation
+  "adadelta": lambda: optax_adadelta.adadelta(0.5, rho=0.9, eps=1e-6, packed_state=True),
+  "scale_by_adadelta_packed": lambda: optax.chain(
+    optax_adadelta.scale_by_adadelta_packed(rho=0.9, eps=1e-6), optax.scale(-0.5)
+  ),
+}
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+def test_packed_trajectory_follows_the_float64_reference(builder):
   rng = np.random.default_rng(1)
   shapes = [(20, 3), (5,), (1,), (40,)]
   params = [rng.normal(size=s).astype(np.float32) for s in shapes]
   grads = [[rng.normal(size=s).astype(np.float32) for s in shapes] for _ in range(25)]
   want = reference.run(params, grads, rho=0.9, eps=1e-6, learning_rate=0.5)
-  tx = optax_adadelta.adadelta(0.5, rho=0.9, eps=1e-6, packed_state=True)
+  tx = BUILDERS[builder]()
   x, state = [jnp.asarray(p) for p in params], tx.init(params)
   step = jax.jit(lambda x, s, g: (lambda u, s: (optax.apply_updates(x, u), s))(*tx.update(g, s)))
   for g in grads:
@@ -102,7 +111,21 @@ def test_packed_trajectory_follows_the_float64_reference():
   for got, expected in zip(x, want.params, strict=True):
     np.testing.assert_allclose(got, expected, rtol=2e-6, atol=1e-7)
   flat_e_dx2 = np.concatenate([e.ravel() for e in want.e_dx2])
-  np.testing.assert_allclose(state[1].e_dx2_packed, flat_e_dx2, rtol=2e-6, atol=1e-12)
+  (packed,) = [s for s in state if isinstance(s, optax_adadelta.PackedAdadeltaState)]
+  np.testing.assert_allclose(packed.e_dx2_packed, flat_e_dx2, rtol=2e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+  ("keywords", "message"),
+  [
+    ({"rho": 1.5}, r"rho must be finite and in \[0, 1\].*got 1.5"),
+    ({"update_rule": "adam"}, r"update_rule must be one of .*got 'adam'"),
+    ({"accumulator_dtype": jnp.int32}, r"accumulator_dtype must be None or a real floating"),
+  ],
+)
+def test_scale_by_adadelta_packed_checks_its_keywords(keywords, message):
+  with pytest.raises((ValueError, TypeError), match=message):
+    optax_adadelta.scale_by_adadelta_packed(**keywords)
 
 
 def test_a_thousand_leaves_pass_two_state_arrays_through_the_step():

@@ -15,10 +15,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import jax
 import optax
 
-from optax_adadelta import _checks, _native, _rules
+from optax_adadelta import _checks, _rules, native
 
 UPDATE_RULES = tuple(_rules.RULES)
 IMPLEMENTATIONS = ("auto", "native", "jax")
@@ -85,8 +84,15 @@ def options(
 class StateFormat(Protocol):
   """The interface every state format implements (one object per format, in `FORMATS`)."""
 
-  name: str  # "full", "packed", "16-bit", "8-bit": how errors and docs call it
-  state_types: tuple[type, ...]  # the state classes it makes: `format_of` maps them to it
+  @property
+  def name(self) -> str:
+    """ "full", "packed", "16-bit", "8-bit": what errors and docs call it."""
+    ...
+
+  @property
+  def state_types(self) -> tuple[type, ...]:
+    """The state classes it makes: `format_of` maps them to it."""
+    ...
 
   def selected_by(self, options: Options) -> bool:
     """Whether these options ask for this format (``"full"`` is chosen when none does)."""
@@ -125,27 +131,18 @@ def is_none(x: Any) -> bool:
   return x is None
 
 
-def unzip3(updates: Any, results: Any) -> tuple[Any, Any, Any]:
-  """Three trees shaped like `updates` from its tree of (Δx, E[g²], E[Δx²]) triples."""
-  treedef: Any = jax.tree.structure(updates, is_leaf=is_none)
-  columns = list(zip(*treedef.flatten_up_to(results), strict=True)) or [(), (), ()]
-  return tuple(treedef.unflatten(column) for column in columns)  # type: ignore[return-value]
+def unzip3(treedef: Any, results: list[tuple]) -> tuple[Any, Any, Any]:
+  """Three trees of structure `treedef` from a list of (Δx, E[g²], E[Δx²]), one per leaf."""
+  columns = list(zip(*results, strict=True)) or [(), (), ()]
+  return tuple(treedef.unflatten(column) for column in columns)
 
 
-def decide_native(options: Options, refusal: str | None = None) -> _native.Hyper | None:
+def decide_native(options: Options, refusal: str | None = None) -> native.Hyper | None:
   """(ρ, 1−ρ, ε) to update with the native kernel, or None for XLA: a format's one decision.
 
   Raises ValueError for ``implementation="native"`` where the kernel cannot be used; `refusal`
   is the format's own reason it cannot use the kernel, if any.
   """
-  if options.implementation == "jax":
-    return None
-  hyper = _native.static_hyper(options.rho, options.eps)
-  reason = _native.unavailable_reason() if refusal is None else refusal
-  if options.update_rule != "default":
-    reason = f"the kernel computes update_rule='default' only, got {options.update_rule!r}"
-  elif hyper is None and reason is None:
-    reason = "rho and eps must be Python numbers or concrete scalars, not traced arrays"
-  if reason is not None and options.implementation == "native":
-    raise ValueError(f"implementation='native' is not possible here: {reason}")
-  return hyper if reason is None else None
+  return native.decide(
+    options.rho, options.eps, options.update_rule, options.implementation, refusal
+  )

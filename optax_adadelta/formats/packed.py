@@ -1,4 +1,4 @@
-"""Adadelta with the small leaves' state packed into flat arrays (``packed_state=True``).
+"""The packed state format: the small leaves' averages in flat arrays (``packed_state=True``).
 
 The default state mirrors the parameters: one E[g²] and one E[Δx²] array per leaf. Passing a
 few thousand arrays into and out of a jitted step costs JAX more than updating them
@@ -36,7 +36,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from optax_adadelta import _checks, _native
+from optax_adadelta import _checks, native
+from optax_adadelta.formats import base
 
 PACKED_BELOW = 1 << 18  # elements: leaves below this are packed (1 MiB in float32)
 
@@ -144,7 +145,106 @@ def _real_leaves(what: str, tree: Any) -> tuple[list, list[jax.Array], Any]:
 
 
 def scale_by_adadelta_packed(
-  update_leaf: Callable[..., tuple], accumulator_dtype: Any, hyper: _native.Hyper | None
+  rho: Any = 0.95,
+  eps: Any = 1e-6,
+  *,
+  accumulator_dtype: Any = None,
+  update_rule: str = "default",
+  implementation: str = "auto",
+) -> optax.GradientTransformation:
+  r"""Adadelta's rescaling with the averages of the small leaves packed into flat arrays.
+
+  The same update as :func:`scale_by_adadelta`, coordinate by coordinate and bit for bit:
+
+  .. math::
+    E[g^2]_t &= \rho\, E[g^2]_{t-1} + (1 - \rho)\, g_t^2 \\
+    \Delta x_t &= g_t \sqrt{\frac{E[\Delta x^2]_{t-1} + \epsilon}{E[g^2]_t + \epsilon}} \\
+    E[\Delta x^2]_t &= \rho\, E[\Delta x^2]_{t-1} + (1 - \rho)\, \Delta x_t^2
+
+  (or the chosen ``update_rule``'s order of operations), returning :math:`\Delta x_t`. Only
+  the state differs: each average of every leaf below ``2**18`` elements is one flat array
+  (a :class:`PackedAdadeltaState`), laid out leaf after leaf, so that a step of a model of
+  many small leaves passes two state arrays instead of two per leaf (1,000 leaves: 1.8–2.5×
+  faster). Larger leaves keep arrays of their own, shaped and sharded like the parameters.
+  The packed part does not mirror the parameters: it takes no per-leaf sharding, ZeRO split
+  or ``interop``. Real leaves of one floating dtype only. ``adadelta(packed_state=True)``
+  and ``scale_by_adadelta(packed_state=True)`` build the same.
+
+  Args:
+    rho: decay rate of both running averages, in [0, 1].
+    eps: added inside both square roots, > 0.
+    accumulator_dtype: real floating dtype of the state, or ``None`` for the leaves' dtype.
+    update_rule: whose order of floating-point operations to follow; see
+      :func:`scale_by_adadelta`.
+    implementation: ``"auto"``, ``"native"`` or ``"jax"``; see :func:`scale_by_adadelta`.
+
+  Returns:
+    An :class:`optax.GradientTransformation` whose state is a :class:`PackedAdadeltaState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_adadelta
+    >>> tx = optax_adadelta.scale_by_adadelta_packed(rho=0.9, eps=1e-6)
+    >>> state = tx.init({"b": jnp.zeros(2), "w": jnp.zeros((2, 2))})
+    >>> state.e_g2_packed.shape  # both leaves, end to end
+    (6,)
+  """
+  return FORMAT.transformation(
+    base.options(
+      rho,
+      eps,
+      accumulator_dtype=accumulator_dtype,
+      update_rule=update_rule,
+      implementation=implementation,
+      packed_state=True,
+    )
+  )
+
+
+class PackedFormat:
+  """Flat arrays for the small leaves' averages, arrays of their own for the large ones."""
+
+  name = "packed"
+  state_types = (PackedAdadeltaState,)
+
+  def selected_by(self, options: base.Options) -> bool:
+    return options.packed_state
+
+  def refuse(self, options: base.Options) -> None:
+    if options.low_memory:
+      raise ValueError(
+        "packed_state=True cannot be combined with stochastic_rounding=True or state_bits=8: "
+        "the low-memory state mirrors the parameters leaf by leaf; drop one of the two"
+      )
+
+  def transformation(self, options: base.Options) -> optax.GradientTransformation:
+    return _transformation(
+      base.leaf_update(options), options.accumulator_dtype, base.decide_native(options)
+    )
+
+  def averages(self, state: Any) -> tuple[Any, Any]:
+    raise ValueError(
+      "interop does not convert the packed state (packed_state=True): convert the state of "
+      "the same optimizer built with packed_state=False"
+    )
+
+  def with_averages(self, state: Any, e_g2: Any, e_dx2: Any) -> Any:
+    return self.averages(state)
+
+  def zero_shardings(self, state: Any, leaf_sharding: Callable) -> Any:
+    raise TypeError(
+      "state_shardings cannot split a PackedAdadeltaState (adadelta(packed_state=True)): "
+      "its flat array concatenates the small leaves inside the update, so every step "
+      "would gather the gradients to re-split them. Build the optimizer with "
+      "packed_state=False (the default) for a ZeRO-sharded state."
+    )
+
+
+FORMAT = PackedFormat()
+
+
+def _transformation(
+  update_leaf: Callable[..., tuple], accumulator_dtype: Any, hyper: native.Hyper | None
 ) -> optax.GradientTransformation:
   """Adadelta on a packed state; `update_leaf(g, e_g2, e_dx2)` updates one array.
 
@@ -190,10 +290,11 @@ def scale_by_adadelta_packed(
       [state.e_g2_packed, *state.e_g2_large],
       [state.e_dx2_packed, *state.e_dx2_large],
     )
+    leaves = list(zip(*arrays, strict=True))
     if hyper is None:
-      results = [update_leaf(*leaf) for leaf in zip(*arrays, strict=True)]
+      results = [update_leaf(*leaf) for leaf in leaves]
     else:
-      results = _native.update_tree(*arrays, hyper, update_leaf)
+      results = native.update_leaves(leaves, hyper, update_leaf)
     (flat_step, e_g2, e_dx2), *large_results = results
     pieces = iter(jnp.split(flat_step, np.cumsum([s.size for s in small])[:-1]) if small else [])
     large_iter = iter(large_results)
