@@ -11,7 +11,8 @@ from optax_adadelta.formats.packed import (
   PackedLayout,
   scale_by_adadelta_packed,
 )
-from optax_adadelta.formats.rounded16 import scale_by_adadelta_16bit
+from optax_adadelta.formats.ratio_code import RatioCode
+from optax_adadelta.formats.rounded16 import Rounded16AdadeltaState, scale_by_adadelta_16bit
 from optax_adadelta.native import is_available as native_available
 from optax_adadelta.transforms import (
   AccumulateGradientsState,
@@ -31,6 +32,8 @@ __all__ = [
   "PackedLayout",
   "ParamsEmaState",
   "QuantizedAverage",
+  "RatioCode",
+  "Rounded16AdadeltaState",
   "ScaleByAdadeltaState",
   "accumulate_gradients",
   "adadelta",

@@ -67,9 +67,11 @@ def scale_by_adadelta(
       ZeRO split, low-memory format or ``interop``. Real leaves of one floating dtype only;
       the same numbers either way. The same as :func:`scale_by_adadelta_packed`.
     stochastic_rounding: round each new average stochastically and without bias when the
-      state is narrower than float32 (``accumulator_dtype=jnp.bfloat16``, or the 8-bit
-      codes, whose E[g²] rounding is lifted so that the steps stay unbiased);
-      ``None``: on for ``state_bits=8`` only. See docs/guides/low_memory.md.
+      state is narrower than float32: with ``accumulator_dtype=jnp.bfloat16`` (or float16)
+      the 16-bit state, E[g²] in 16 bits and E[Δx²] as a 16-bit code of its ratio to E[g²]
+      (:func:`scale_by_adadelta_16bit`); with the 8-bit codes, whose E[g²] rounding is
+      lifted so that the steps stay unbiased. ``None``: on for ``state_bits=8`` only. See
+      docs/guides/low_memory.md.
     state_bits: ``8`` stores both averages of each leaf of ``min_8bit_size`` elements or
       more as 8-bit logarithmic codes with a float32 scale per block of up to 256
       elements of the last axis (about 2 bytes per parameter); ``None`` (the default)
@@ -80,8 +82,9 @@ def scale_by_adadelta(
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
-    :class:`ScaleByAdadeltaState` (a :class:`PackedAdadeltaState`, or with a low-memory
-    option a :class:`LowMemoryAdadeltaState`).
+    :class:`ScaleByAdadeltaState` (a :class:`PackedAdadeltaState`; with
+    ``stochastic_rounding`` a :class:`Rounded16AdadeltaState`; with ``state_bits=8`` a
+    :class:`LowMemoryAdadeltaState`).
 
   Examples:
     >>> import jax.numpy as jnp

@@ -292,7 +292,8 @@ def zero_run(fmt):
   tx = adadelta(fmt)
   with jax.set_mesh(mesh):
     params = jax.device_put(jax.tree.map(jnp.asarray, start()), NamedSharding(mesh, P()))
-    if fmt.get("state_bits") == 8:  # blocks split whole only if init sees the split (its error)
+    if fmt.get("state_bits") == 8 or fmt.get("stochastic_rounding"):  # block codes: whole
+      # blocks per device only if init sees the split (state_shardings' error says so)
       state = tx.init(jax.device_put(params, zero.state_shardings(params, mesh)))
     else:
       shardings = zero.state_shardings(jax.eval_shape(tx.init, params), mesh)

@@ -128,20 +128,6 @@ def update_flat(
   return step, a.codes, a.scale, b.codes, b.scale
 
 
-def _shard_last(p: Any) -> int:
-  """Length of the last axis in one shard of `p` (the whole axis when not known)."""
-  sharding = getattr(p, "sharding", None) if isinstance(p, jax.Array) else None
-  if sharding is None or isinstance(p, jax.core.Tracer):
-    try:
-      sharding = jax.typeof(p).sharding
-    except Exception:  # not an array, or no sharding in its type
-      sharding = None
-  try:
-    return int(sharding.shard_shape(tuple(p.shape))[-1])  # type: ignore[union-attr]
-  except Exception:  # no sharding, or one without a concrete mesh
-    return int(p.shape[-1])
-
-
 def leaf_blocks(p: Any, min_8bit_size: int) -> int | None:
   """Number of blocks of the last axis for an 8-bit leaf, or None to keep it an array."""
   dtype = jnp.result_type(p)
@@ -149,7 +135,7 @@ def leaf_blocks(p: Any, min_8bit_size: int) -> int | None:
     return None
   if p.size == 0:  # nothing to scale: an empty full-precision state costs no bytes
     return None
-  size = block_size(_shard_last(p))
+  size = block_size(low_memory.shard_last(p))
   return None if size is None else p.shape[-1] // size
 
 
@@ -199,7 +185,8 @@ class EightBitFormat:
     )
     hyper = base.decide_native(options)
 
-    def update_coded(leaves: list[low_memory.CodedLeaf]) -> list:
+    def update_coded(leaves: list[low_memory.CodedLeaf], state: Any) -> list:
+      del state
       flat = [(g, a.codes, a.scale, b.codes, b.scale, key) for g, a, b, key in leaves]
       if hyper is None:
         results = [pure(*leaf) for leaf in flat]
@@ -215,7 +202,7 @@ class EightBitFormat:
       options.accumulator_dtype,
       stochastic_rounding=stochastic,
       coded=is_quantized,
-      init_coded=lambda p: _zero_average(p, options.min_8bit_size),
+      init_coded=lambda p, dtype, field: _zero_average(p, options.min_8bit_size),
       update_coded=update_coded,
       what="scale_by_adadelta(state_bits=8)",
     )
@@ -227,26 +214,8 @@ class EightBitFormat:
     raise ValueError(low_memory.NOT_LOADABLE)
 
   def zero_shardings(self, state: LowMemoryAdadeltaState, leaf_sharding: Any) -> Any:
-    return low_memory.zero_shardings(state, leaf_sharding, is_quantized, _check_blocks)
-
-
-def _check_blocks(average: Any, sharding: Any) -> None:
-  """Refuses a split of the last axis that would cut the blocks of an 8-bit average."""
-  shape, blocks = tuple(average.codes.shape), average.scale.shape[-1]
-  spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
-  names = spec[-1] if shape else None
-  if names is None:
-    return
-  names = (names,) if isinstance(names, str) else tuple(names)
-  size = 1
-  for name in names:
-    size *= sharding.mesh.shape[name]
-  if blocks % size:
-    raise ValueError(
-      f"state_shardings would split an 8-bit average of shape {shape} along its last axis "
-      f"into {size} pieces, but its {blocks} blocks of {shape[-1] // blocks} do not divide "
-      "evenly among them. Call tx.init on parameters laid out as the split (jax.device_put("
-      "params, state_shardings(params, mesh))): the blocks then fit in each piece."
+    return low_memory.zero_shardings(
+      state, leaf_sharding, is_quantized, low_memory.whole_blocks("an 8-bit average")
     )
 
 

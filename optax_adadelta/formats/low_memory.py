@@ -1,13 +1,14 @@
-"""What the two low-memory formats share: their state, the leaf walk, 16-bit stochastic rounding.
+"""What the two low-memory formats share: the leaf walk, 16-bit stochastic rounding, a state.
 
 The 16-bit format (:mod:`optax_adadelta.formats.rounded16`) and the 8-bit format
 (:mod:`optax_adadelta.formats.eight_bit`) both keep a step counter in the state, which seeds
 the random bits of stochastic rounding (:mod:`optax_adadelta.formats.random_bits`), and both
 compute every step in float32: read the state, Algorithm 1, store it back. A leaf that a
-format stores in a code of its own (a *coded* leaf) is updated by the format, all of a step's
-at once; every other leaf is kept as an array of its state dtype, rounded stochastically when
-that dtype is narrower than float32 and rounding is on.
-"""
+format stores in a code of its own (a *coded* leaf: 8-bit averages, the 16-bit format's
+ratio code) is updated by the format, all of a step's at once; every other leaf is kept as an
+array of its state dtype, rounded stochastically when that dtype is narrower than float32 and
+rounding is on. `LowMemoryAdadeltaState` is the 8-bit format's state; the 16-bit format
+has its own (it also keeps ε)."""
 
 from __future__ import annotations
 
@@ -24,12 +25,13 @@ from optax_adadelta.formats.random_bits import bits_from_key, shard_position, st
 
 
 class LowMemoryAdadeltaState(NamedTuple):
-  """State of ``scale_by_adadelta(stochastic_rounding=True)`` or ``(state_bits=8)``.
+  """State of ``scale_by_adadelta(state_bits=8)`` (:func:`scale_by_adadelta_8bit`).
 
   Attributes:
     count: int32 number of updates so far; seeds the stochastic rounding.
-    e_g2: E[g²], a tree shaped like the parameters whose leaves are arrays (16-bit, or
-      full precision for leaves kept so) or :class:`QuantizedAverage`.
+    e_g2: E[g²], a tree shaped like the parameters whose leaves are
+      :class:`QuantizedAverage` or, for leaves kept so, arrays (16-bit rounded
+      stochastically, or full precision).
     e_dx2: E[Δx²], the same layout.
   """
 
@@ -101,6 +103,20 @@ def rewrap(new: Any, old: Any) -> Any:
   return jax.tree.unflatten(jax.tree.structure(old), jax.tree.leaves(new))
 
 
+def shard_last(p: Any) -> int:
+  """Length of the last axis in one shard of `p` (the whole axis when not known)."""
+  sharding = getattr(p, "sharding", None) if isinstance(p, jax.Array) else None
+  if sharding is None or isinstance(p, jax.core.Tracer):
+    try:
+      sharding = jax.typeof(p).sharding
+    except Exception:  # not an array, or no sharding in its type
+      sharding = None
+  try:
+    return int(sharding.shard_shape(tuple(p.shape))[-1])  # type: ignore[union-attr]
+  except Exception:  # no sharding, or one without a concrete mesh
+    return int(p.shape[-1])
+
+
 def state_bytes(state: Any) -> int:
   """Bytes of every array in `state` (codes, scales, 16-bit and full averages, counter)."""
   return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
@@ -111,42 +127,51 @@ def transformation(
   accumulator_dtype: Any,
   *,
   stochastic_rounding: bool,
-  coded: Callable[[Any], bool] = lambda node: False,
-  init_coded: Callable[[Any], Any] | None = None,
-  update_coded: Callable[[list[CodedLeaf]], list] | None = None,
   what: str,
+  coded: Callable[[Any], bool] = lambda node: False,
+  init_coded: Callable[[Any, Any, str], Any] | None = None,
+  update_coded: Callable[[list[CodedLeaf], Any], list] | None = None,
+  make_state: Callable[[jax.Array, Any, Any], Any] = LowMemoryAdadeltaState,
+  state_type: type = LowMemoryAdadeltaState,
+  needs_narrow: bool = False,
 ) -> optax.GradientTransformation:
-  """Adadelta on a LowMemoryAdadeltaState; `update_leaf(g, e_g2, e_dx2)` updates float32.
+  """Adadelta on a low-memory state; `update_leaf(g, e_g2, e_dx2)` updates float32.
 
-  `init_coded(p)` gives a parameter's coded average, or None to keep it an array;
-  `update_coded`, given the coded leaves of a step, returns (Δx, E[g²], E[Δx²]) of each;
-  `coded(node)` says whether a state node is coded. `what` names the transformation in
-  errors.
+  `init_coded(p, dtype, field)` gives the coded node of the parameter `p`'s average `field`
+  ("e_g2" or "e_dx2", `dtype` its state dtype), or None to keep an array; a leaf with a
+  coded node in either average is updated by `update_coded(leaves, state)`, all of a step's
+  together, which returns (Δx, E[g²] node, E[Δx²] node) of each; `coded(node)` says
+  whether a state node is coded. `make_state(count, e_g2, e_dx2)` builds the state (an
+  instance of `state_type`); `needs_narrow` refuses, at init, a state without a leaf
+  narrower than float32. `what` names the transformation in errors.
   """
 
   def init_fn(params):
-    def zeros(path, wrapped):
+    def zeros(field, path, wrapped):
       if wrapped is None:
         return None
       p = jax.tree.leaves(wrapped)[0] if is_variable(wrapped) else wrapped
       dtype = _checks.state_dtype(path, p, accumulator_dtype)
-      node = None if init_coded is None else init_coded(p)
+      node = None if init_coded is None else init_coded(p, dtype, field)
       like = lambda make: jax.tree.map(make, wrapped)  # inside a Variable if p is in one
       if node is None:
         return like(lambda p: jnp.zeros_like(p, dtype=dtype))
       return type(node)(*(like(lambda _, part=part: part) for part in node))
 
-    e_g2 = jax.tree_util.tree_map_with_path(zeros, params, is_leaf=is_variable)
-    if stochastic_rounding and init_coded is None:
+    def averages(field):  # called once per field: the two trees share no buffer
+      map_with_path = jax.tree_util.tree_map_with_path
+      return map_with_path(lambda *x: zeros(field, *x), params, is_leaf=is_variable)
+
+    e_g2, e_dx2 = averages("e_g2"), averages("e_dx2")
+    if needs_narrow:
       dtypes = [a.dtype for a in jax.tree.leaves(e_g2)]
       if not any(narrower_than_float32(d) for d in dtypes):
         _checks.check_narrow_state(max(dtypes, key=lambda d: jnp.dtype(d).itemsize))
-    e_dx2 = jax.tree_util.tree_map_with_path(zeros, params, is_leaf=is_variable)  # not aliased
-    return LowMemoryAdadeltaState(jnp.zeros([], jnp.int32), e_g2, e_dx2)
+    return make_state(jnp.zeros([], jnp.int32), e_g2, e_dx2)
 
   def update_fn(updates, state, params=None):
     del params
-    wrapped, treedef = _check(updates, state, coded, what)
+    wrapped, treedef = _check(updates, state, coded, what, state_type)
     old_g2 = _checks.leaves_like_state(treedef, state.e_g2, "e_g2")
     old_dx2 = _checks.leaves_like_state(treedef, state.e_dx2, "e_dx2")
     steps: list[Any] = []
@@ -164,7 +189,7 @@ def transformation(
       key = jnp.uint32(0)
       if stochastic_rounding:
         key = stream_key(state.count, number, shard_position(g, _payload(a, coded)))
-      if coded(a):
+      if coded(a) or coded(b):
         coded_leaves[number] = (g, a, b, key)
         continue
       step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
@@ -174,12 +199,12 @@ def transformation(
       new_dx2[number] = rewrap(_store(b_new, b, None if bits is None else bits & 0xFFFF), b_in)
     if coded_leaves:
       assert update_coded is not None  # coded nodes come only from init_coded
-      results = update_coded(list(coded_leaves.values()))
+      results = update_coded(list(coded_leaves.values()), state)
       for number, (step, a_new, b_new) in zip(coded_leaves, results, strict=True):
         steps[number] = rewrap(step, wrapped[number])
         new_g2[number] = rewrap(a_new, old_g2[number])
         new_dx2[number] = rewrap(b_new, old_dx2[number])
-    return treedef.unflatten(steps), LowMemoryAdadeltaState(
+    return treedef.unflatten(steps), make_state(
       state.count + 1, treedef.unflatten(new_g2), treedef.unflatten(new_dx2)
     )
 
@@ -202,10 +227,10 @@ def _payload(node: Any, coded: Callable[[Any], bool]) -> Any:
   return node[0] if coded(node) else node
 
 
-def _check(updates: Any, state: Any, coded: Callable[[Any], bool], what: str):
-  if not isinstance(state, LowMemoryAdadeltaState):
+def _check(updates: Any, state: Any, coded: Callable[[Any], bool], what: str, state_type: Any):
+  if not isinstance(state, state_type):
     raise TypeError(
-      f"{what} expects a LowMemoryAdadeltaState, got {type(state).__name__}; build the "
+      f"{what} expects a {state_type.__name__}, got {type(state).__name__}; build the "
       "state with the same transform's init"
     )
   with_paths, treedef = jax.tree_util.tree_flatten_with_path(
@@ -219,8 +244,31 @@ def _check(updates: Any, state: Any, coded: Callable[[Any], bool], what: str):
   return [g for _, g in with_paths], treedef
 
 
+def whole_blocks(what: str) -> Callable[[Any, Any], None]:
+  """A check for :func:`zero_shardings` that refuses a split of a coded node's last axis
+  which would cut its blocks (codes and one scale per block of the last axis)."""
+
+  def check(node: Any, sharding: Any) -> None:
+    shape, blocks = tuple(node.codes.shape), (node.scale.shape or (1,))[-1]
+    spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
+    names = spec[-1] if shape else None
+    if names is None:
+      return
+    names = (names,) if isinstance(names, str) else tuple(names)
+    size = int(np.prod([sharding.mesh.shape[name] for name in names]))
+    if blocks % size:
+      raise ValueError(
+        f"state_shardings would split {what} of shape {shape} along its last axis into "
+        f"{size} pieces, but its {blocks} blocks of {shape[-1] // blocks} do not divide "
+        "evenly among them. Call tx.init on parameters laid out as the split (jax.device_put("
+        "params, state_shardings(params, mesh))): the blocks then fit in each piece."
+      )
+
+  return check
+
+
 def zero_shardings(
-  state: LowMemoryAdadeltaState,
+  state: Any,
   leaf_sharding: Callable[[Any], Any],
   coded: Callable[[Any], bool],
   check: Callable[[Any, Any], None] | None = None,
