@@ -26,7 +26,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import optax_adadelta
-from optax_adadelta import checkpoint, interop, presets
+from optax_adadelta import interop, presets
 from optax_adadelta.formats import packed
 from tests import fuzz_strategies as fs
 from tests import reference
@@ -380,7 +380,7 @@ def test_keras_interop_converts_or_names_the_parameter_that_does_not_fit(data):
 
 @fs.fuzz_settings()
 @given(st.data())
-def test_restore_into_wrong_templates_or_config_is_refused_naming_the_difference(data):
+def test_restore_into_wrong_templates_or_config_is_refused_naming_the_difference(checkpoint, data):
   saved = fs.saved_checkpoint()
   change = data.draw(st.sampled_from(sorted(fs.TEMPLATES)), "template change")
   config = None if data.draw(st.booleans(), "without config") else dict(saved["config"])
@@ -404,7 +404,7 @@ def test_restore_into_wrong_templates_or_config_is_refused_naming_the_difference
 
 @fs.fuzz_settings()
 @given(st.data())
-def test_save_refuses_a_bad_step_or_config_naming_it(data):
+def test_save_refuses_a_bad_step_or_config_naming_it(checkpoint, data):
   step = data.draw(st.sampled_from([3, np.int64(3), -1, 1.5, True, "3", None, math.nan]), "step")
   config = data.draw(
     st.sampled_from([None, {"rho": 0.9}, {"rho": math.nan}, {"rho": math.inf}, "rho=0.9",

@@ -11,12 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import linen as nn
-from flax import nnx
-from flax.training import train_state
 
 import optax_adadelta
-from optax_adadelta import checkpoint
 from tests import reference
 from tests.sharding_checks import needs_eight_devices
 
@@ -160,7 +156,7 @@ def test_vmap_over_a_population_equals_each_member():
       np.testing.assert_array_equal(a, b)
 
 
-def test_checkpoint_round_trip_resumes_exactly(tmp_path):
+def test_checkpoint_round_trip_resumes_exactly(tmp_path, checkpoint):
   rng = np.random.default_rng(3)
   params = {"w": jnp.asarray(rng.normal(size=(8, 3)), jnp.float32), "b": jnp.zeros(3)}
   grads = [jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)]
@@ -259,8 +255,18 @@ _X = np.random.default_rng(5).normal(size=(64, 8)).astype(np.float32)
 _Y = _X.sum(axis=1, keepdims=True)
 
 
+def _flax():
+  """flax's nnx, linen and train_state; the test skips where flax is not installed."""
+  nnx = pytest.importorskip("flax.nnx")
+  from flax import linen
+  from flax.training import train_state
+
+  return nnx, linen, train_state
+
+
 def _nnx_loop(packed_state, steps):
   """The README quickstart's loop (nnx.Optimizer, wrt=nnx.Param) on a two-layer network."""
+  nnx, _, _ = _flax()
   model = nnx.Sequential(
     nnx.Linear(8, 16, rngs=nnx.Rngs(0)), nnx.relu, nnx.Linear(16, 1, rngs=nnx.Rngs(1))
   )
@@ -276,15 +282,16 @@ def _nnx_loop(packed_state, steps):
   return losses, nnx.state(model, nnx.Param), optimizer.opt_state
 
 
-class _MLP(nn.Module):
-  @nn.compact
-  def __call__(self, x):
-    return nn.Dense(1)(nn.relu(nn.Dense(16)(x)))
-
-
 def _linen_loop(packed_state, steps):
   """A linen TrainState loop: init on the params of model.init, apply_gradients each step."""
-  model = _MLP()
+  _, nn, train_state = _flax()
+
+  class MLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(1)(nn.relu(nn.Dense(16)(x)))
+
+  model = MLP()
   state = train_state.TrainState.create(
     apply_fn=model.apply,
     params=model.init(jax.random.key(0), _X)["params"],
@@ -323,6 +330,7 @@ def test_flax_loops_with_the_packed_state_equal_the_per_leaf_state(loop):
 
 def _boxed(tree, box):
   """`tree` with each array in a box a framework adds: nnx.Param, linen's nn.Partitioned."""
+  nnx, nn, _ = _flax()
   if box == "nnx_param":
     return nnx.State({k: nnx.Param(v) for k, v in tree.items()})
   return {k: nn.Partitioned(v, names=(None,) * v.ndim) for k, v in tree.items()}
@@ -348,6 +356,7 @@ def test_boxes_added_or_stripped_between_init_and_update_do_not_change_the_steps
 
 
 def test_boxed_gradients_of_other_parameters_are_refused_naming_both_structures():
+  nnx, _, _ = _flax()
   tx = optax_adadelta.adadelta(packed_state=True)
   state = tx.init(nnx.State({"bias": nnx.Param(jnp.ones(3)), "kernel": nnx.Param(jnp.ones(3))}))
   grads = nnx.State({"bias": jnp.ones(3), "scale": jnp.ones(3)})
