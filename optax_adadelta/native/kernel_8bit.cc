@@ -1,4 +1,4 @@
-// Adadelta on the 8-bit state (`_low_memory.py`) in one pass over memory, for XLA on CPU.
+// Adadelta on the 8-bit state (`formats/eight_bit.py`) in one pass over memory, for XLA on CPU.
 //
 // The XLA FFI handler `optax_adadelta_update_8bit` takes for each leaf (g, codes and scale
 // of E[g²], codes and scale of E[Δx²], the leaf's random keys) and returns (Δx, codes and
@@ -6,7 +6,7 @@
 // key each. Block by block (a block's codes are contiguous, its scale one float), in float32:
 //
 //   E      <- level(code) · scale                           (dequantize, both averages)
-//   Δx, E  <- Algorithm 1, the operations of `kernel.cc`
+//   Δx, E  <- Adadelta's update, the equations of adadelta.h
 //   scale  <- the block's largest new E (NaN if one is NaN); x = E · (1/scale)
 //   code   <- c + (p > u), c the largest code with level(c) <= x (<= 254),
 //             p = (x − level(c)) / (level(c + 1) − level(c)), u = 1/2 or
@@ -15,18 +15,18 @@
 //             c > 0, lifted by ½·ρ/(1+ρ)·p(1−p)·spread/(x + ε/S); E[g²] under the block's
 //             floor level(1) (and above 0) coded 1, never 0
 //
-// the operations of `_codes_8bit.quantize` and `dequantize` in their order, so that the
+// the operations of `codes_8bit.quantize` and `dequantize` in their order, so that the
 // kernel and XLA store the same codes (the random bits are the same hash of the key and the
 // coordinate's index in the leaf). Where the CPU has FMA, XLA's CPU backend fuses
-// ρ·E + (1−ρ)·x² here as fma((1−ρ), x², ρ·E) (E, dequantized, is itself a product, and
-// LLVM fuses the other multiply), E[Δx²] + ε as fma(level, scale, ε), and Horner's rule
-// step by step; the kernel does the same. The block's float32 averages live on the stack:
-// XLA's own lowering writes and reads five float32 arrays of the parameter's size.
+// ρ·E + (1−ρ)·x² here as fma((1−ρ), x², ρ·E) (`Fused::kNew`), E[Δx²] + ε as
+// fma(level, scale, ε), and Horner's rule step by step; the kernel does the same. The block's
+// float32 averages live on the stack: XLA's own lowering writes and reads five float32 arrays
+// of the parameter's size.
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <vector>
+#include <optional>
 
 #include "adadelta.h"
 
@@ -34,26 +34,25 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-using namespace optax_adadelta;  // NOLINT: the shared helpers of adadelta.h
+using namespace optax_adadelta;  // NOLINT: Adadelta's equations and the shared plumbing
 
-constexpr std::int64_t kMaxBlock = 256;  // _codes_8bit.MAX_BLOCK
-constexpr int kBias = 1400;              // _codes_8bit._BIAS
+constexpr std::int64_t kMaxBlock = 256;  // codes_8bit.MAX_BLOCK
+constexpr int kBias = 1400;              // codes_8bit._BIAS
 
-struct Hyper {
-  float rho, one_minus_rho, eps;
+struct Hyper8bit : Hyper {
   bool stochastic;
-  float lift;  // _codes_8bit.lift_weight: ½·ρ/(1 + ρ)
+  float lift;  // codes_8bit.lift_weight: ½·ρ/(1 + ρ)
 };
 
-// _codes_8bit._POLYNOMIAL, as float32 (the values XLA's constants round to).
+// codes_8bit._POLYNOMIAL, as float32 (the values XLA's constants round to).
 constexpr float kPolynomial[6] = {-0.005457850638777018f, 1.489393980591558e-05f,
                                   -2.7090141685448543e-08f, 3.682612895183901e-11f,
                                   -3.862069762302148e-14f, 2.6107046013841357e-17f};
 
-// _codes_8bit.level: E(c)/S for a code c in [0, 255], with multiply-adds fused as XLA fuses
+// codes_8bit.level: E(c)/S for a code c in [0, 255], with multiply-adds fused as XLA fuses
 // them (kFma) or not at all.
 template <bool kFma>
-__attribute__((always_inline)) inline float Level(std::int32_t code) {
+OPTAX_ADADELTA_INLINE float Level(std::int32_t code) {
   const std::int32_t k12 = (255 - code) * 12;
   const std::int32_t q = (k12 * 8257) >> 20;
   const float r = static_cast<float>(k12 - q * 127);
@@ -84,7 +83,7 @@ struct Leaf {
   bool bf16;
 };
 
-__attribute__((always_inline)) inline std::uint32_t Mix(std::uint32_t x) {  // _random_bits._mix
+OPTAX_ADADELTA_INLINE std::uint32_t Mix(std::uint32_t x) {  // random_bits._mix
   x ^= x >> 16;
   x *= 0x7FEB352Du;
   x ^= x >> 15;
@@ -92,9 +91,9 @@ __attribute__((always_inline)) inline std::uint32_t Mix(std::uint32_t x) {  // _
   return x ^ (x >> 16);
 }
 
-// _codes_8bit._code_below: an estimate from the float's bits, settled by one comparison.
+// codes_8bit._code_below: an estimate from the float's bits, settled by one comparison.
 template <bool kFma>
-__attribute__((always_inline)) inline int CodeBelow(float x) {
+OPTAX_ADADELTA_INLINE int CodeBelow(float x) {
   std::uint32_t bits;
   std::memcpy(&bits, &x, sizeof(bits));
   const std::int32_t magnitude = static_cast<std::int32_t>(bits & 0x7FFFFFFFu);
@@ -110,7 +109,7 @@ __attribute__((always_inline)) inline int CodeBelow(float x) {
 // The block's largest value, NaN if it holds one (as `quantize` makes XLA's). The values are
 // non-negative or NaN: their bits, sign cleared, order as integers, NaN above +inf, and an
 // integer maximum vectorises.
-__attribute__((always_inline)) inline float BlockMax(const float* values, std::int64_t n) {
+OPTAX_ADADELTA_INLINE float BlockMax(const float* values, std::int64_t n) {
   std::uint32_t largest = 0;
   for (std::int64_t i = 0; i < n; ++i) {
     std::uint32_t bits;
@@ -126,9 +125,9 @@ __attribute__((always_inline)) inline float BlockMax(const float* values, std::i
 // value at `shift` (stochastic rounding), else rounded to the nearer code. kSquaredGradient:
 // E[g²]'s rounding, a positive value under the floor level(1)·S coded 1, never 0, and,
 // rounded stochastically, its probability raised by weight·p(1 − p)·spread/(x + ε/S) above
-// code 0 (`_codes_8bit.quantize`'s floor_up and lift).
+// code 0 (`codes_8bit.quantize`'s floor_up and lift).
 template <bool kFma, bool kStochastic, bool kSquaredGradient>
-__attribute__((always_inline)) inline float Quantize(const float* values, std::int64_t n,
+OPTAX_ADADELTA_INLINE float Quantize(const float* values, std::int64_t n,
                                                      std::uint8_t* codes, const std::uint32_t* bits,
                                                      int shift, float weight, float eps) {
   const float scale = BlockMax(values, n);
@@ -161,8 +160,8 @@ __attribute__((always_inline)) inline float Quantize(const float* values, std::i
 }
 
 template <bool kFma, typename G>
-__attribute__((always_inline)) inline void UpdateBlocks(const Leaf& l, std::int64_t first,
-                                                        std::int64_t last, Hyper h) {
+OPTAX_ADADELTA_INLINE void UpdateBlocks(const Leaf& l, std::int64_t first, std::int64_t last,
+                                        Hyper8bit h) {
   const G* g = static_cast<const G*>(l.g);
   G* step = static_cast<G*>(l.step);
   float e_g2[kMaxBlock], e_dx2[kMaxBlock];
@@ -176,18 +175,13 @@ __attribute__((always_inline)) inline void UpdateBlocks(const Leaf& l, std::int6
       const float grad = Widen(g[o + i]);
       const float level_g2 = Level<kFma>(l.codes_in[0][o + i]);
       const float level_dx2 = Level<kFma>(l.codes_in[1][o + i]);
-      const float old_e_g2 = level_g2 * scale_g2;
       const float old_e_dx2 = level_dx2 * scale_dx2;
-      const float g2 = h.one_minus_rho * (grad * grad);
-      const float avg_g2 =
-          kFma ? std::fma(h.one_minus_rho, grad * grad, h.rho * old_e_g2) : h.rho * old_e_g2 + g2;
       const float dx2_eps = kFma ? std::fma(level_dx2, scale_dx2, h.eps) : old_e_dx2 + h.eps;
-      const float delta = Step(grad, avg_g2, h.eps, dx2_eps);
-      const float dx2 = h.one_minus_rho * (delta * delta);
-      e_g2[i] = avg_g2;
-      e_dx2[i] = kFma ? std::fma(h.one_minus_rho, delta * delta, h.rho * old_e_dx2)
-                      : h.rho * old_e_dx2 + dx2;
-      Narrow(delta, &step[o + i]);
+      const Updated u = Update<kFma ? Fused::kNew : Fused::kNone>(grad, level_g2 * scale_g2,
+                                                                  old_e_dx2, dx2_eps, h);
+      e_g2[i] = u.e_g2;
+      e_dx2[i] = u.e_dx2;
+      Narrow(u.step, &step[o + i]);
     }
     if (h.stochastic) {
       const std::int64_t p = o / l.problem;  // blocks do not straddle problems
@@ -210,7 +204,7 @@ __attribute__((always_inline)) inline void UpdateBlocks(const Leaf& l, std::int6
 
 // The one function compiled per instruction set; the loader picks the widest the CPU has.
 OPTAX_ADADELTA_CLONES void Run(const Leaf& l, std::int64_t first, std::int64_t last,
-                               Hyper h, bool fma) {
+                               Hyper8bit h, bool fma) {
   if (l.bf16) {
     fma ? UpdateBlocks<true, bf16_bits>(l, first, last, h)
         : UpdateBlocks<false, bf16_bits>(l, first, last, h);
@@ -220,20 +214,13 @@ OPTAX_ADADELTA_CLONES void Run(const Leaf& l, std::int64_t first, std::int64_t l
   }
 }
 
-ffi::ErrorOr<Leaf> Describe(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
-                            std::size_t i, std::size_t r) {
-  ffi::AnyBuffer in[6] = {*args.get<ffi::AnyBuffer>(i), *args.get<ffi::AnyBuffer>(i + 1),
-                          *args.get<ffi::AnyBuffer>(i + 2), *args.get<ffi::AnyBuffer>(i + 3),
-                          *args.get<ffi::AnyBuffer>(i + 4), *args.get<ffi::AnyBuffer>(i + 5)};
-  ffi::Result<ffi::AnyBuffer> out[5] = {
-      *rets.get<ffi::AnyBuffer>(r), *rets.get<ffi::AnyBuffer>(r + 1),
-      *rets.get<ffi::AnyBuffer>(r + 2), *rets.get<ffi::AnyBuffer>(r + 3),
-      *rets.get<ffi::AnyBuffer>(r + 4)};
+std::optional<Leaf> Describe(std::array<ffi::AnyBuffer, 6>& in,
+                             std::array<ffi::Result<ffi::AnyBuffer>, 5>& out) {
   const std::int64_t size = static_cast<std::int64_t>(in[0].element_count());
   const std::int64_t blocks = static_cast<std::int64_t>(in[2].element_count());
   const ffi::DataType grad = in[0].element_type();
   bool ok = (grad == ffi::DataType::F32 || grad == ffi::DataType::BF16) && blocks > 0 &&
-            size % blocks == 0 && size / blocks <= kMaxBlock &&
+            size % blocks == 0 && size >= blocks && size / blocks <= kMaxBlock &&
             in[5].element_type() == ffi::DataType::U32 && in[5].element_count() > 0 &&
             blocks % static_cast<std::int64_t>(in[5].element_count()) == 0;
   for (int k = 0; k < 2; ++k) {
@@ -242,16 +229,7 @@ ffi::ErrorOr<Leaf> Describe(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
          in[2 + 2 * k].element_type() == ffi::DataType::F32 &&
          in[2 + 2 * k].element_count() == static_cast<std::size_t>(blocks);
   }
-  for (int k = 0; k < 5; ++k) {
-    ok = ok && out[k]->element_type() == in[k].element_type() &&
-         out[k]->element_count() == in[k].element_count();
-  }
-  if (!ok) {
-    return ffi::Unexpected(ffi::Error::InvalidArgument(
-        "optax_adadelta native 8-bit update: each leaf needs a float32 or bfloat16 "
-        "gradient, uint8 codes of its size, float32 scales of blocks of at most 256 codes, "
-        "and uint32 keys, one per problem of whole blocks"));
-  }
+  if (!ok) return std::nullopt;
   Leaf leaf;
   leaf.g = in[0].untyped_data();
   leaf.step = out[0]->untyped_data();
@@ -269,48 +247,19 @@ ffi::ErrorOr<Leaf> Describe(ffi::RemainingArgs& args, ffi::RemainingRets& rets,
   return leaf;
 }
 
-constexpr std::int64_t kChunk = 1 << 15;  // coordinates per task, whole blocks
+constexpr Kernel k8bitKernel{
+    "optax_adadelta native 8-bit update",
+    "a float32 or bfloat16 gradient, uint8 codes of its size, float32 scales of blocks of at "
+    "most 256 codes, and uint32 keys, one per problem of whole blocks"};
 
-ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::RemainingArgs args,
-                      ffi::RemainingRets rets, float rho, float one_minus_rho, float eps,
-                      bool stochastic) {
-  if (args.size() % 6 != 0 || rets.size() != args.size() / 6 * 5) {
-    return ffi::Error::InvalidArgument(
-        "optax_adadelta native 8-bit update: six arguments and five results per leaf");
-  }
-  struct Task {
-    std::size_t leaf;
-    std::int64_t first, last;  // blocks
-  };
-  std::vector<Leaf> leaves;
-  std::vector<Task> tasks;
-  for (std::size_t i = 0, r = 0; i < args.size(); i += 6, r += 5) {
-    const ffi::ErrorOr<Leaf> leaf = Describe(args, rets, i, r);
-    if (leaf.has_error()) return leaf.error();
-    leaves.push_back(*leaf);
-    const std::int64_t blocks = leaf->size / leaf->block;
-    const std::int64_t per_task = std::max<std::int64_t>(1, kChunk / leaf->block);
-    for (std::int64_t b = 0; b < blocks; b += per_task) {
-      tasks.push_back({leaves.size() - 1, b, std::min(blocks, b + per_task)});
-    }
-  }
-  const Hyper h{rho, one_minus_rho, eps, stochastic, 0.5f * (rho / (1.0f + rho))};
-  const bool fma = HasFma();
-  ParallelFor(pool, static_cast<std::int64_t>(tasks.size()), [&](std::int64_t c) {
-    const Task& task = tasks[c];
-    Run(leaves[task.leaf], task.first, task.last, h, fma);
-  });
-  return ffi::Error::Success();
+ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
+                      float rho, float one_minus_rho, float eps, bool stochastic) {
+  const Hyper8bit h{{rho, one_minus_rho, eps}, stochastic, 0.5f * (rho / (1.0f + rho))};
+  return UpdateLeaves<Leaf, 6, 5>(k8bitKernel, pool, args, rets, h, Describe, Run);
 }
 
 }  // namespace
 
+// (g, codes, scale, codes, scale, key) -> (Δx, codes, scale, codes, scale)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(optax_adadelta_update_8bit, UpdateImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .RemainingArgs()  // (g, codes, scale, codes, scale, key)
-                                  .RemainingRets()  // (Δx, codes, scale, codes, scale)
-                                  .Attr<float>("rho")
-                                  .Attr<float>("one_minus_rho")
-                                  .Attr<float>("eps")
-                                  .Attr<bool>("stochastic"));
+                              BindUpdate().Attr<bool>("stochastic"));
