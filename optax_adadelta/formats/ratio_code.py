@@ -126,14 +126,21 @@ def encode(values: jax.Array, blocks: int, bits: jax.Array) -> RatioCode:
   grouped = _blocks_of(values.astype(jnp.float32), blocks)
   scale = _block_max(grouped)
   x = grouped * (1.0 / jnp.where(scale > 0, scale, 1.0))  # in [0, 1]
-  guess = jnp.floor(-jnp.log2(jnp.maximum(x, 2.0**-126)) / _GAMMA)
+  guess = jnp.floor(jnp.log2(jnp.maximum(x, 2.0**-126)) * jnp.float32(-1 / _GAMMA))
   k = jnp.clip(guess, 0, TOP - 1).astype(jnp.int32)
-  k = k - (x > level(k)).astype(jnp.int32)  # log2's last ulps, either way
-  k = jnp.clip(k + (x < level(k + 1)).astype(jnp.int32), 0, TOP - 1)
-  high = level(k)
-  low = jnp.where(k == TOP - 1, 0.0, level(k + 1))  # under the floor: between 0 and it
-  p = jnp.clip((x - low) / (high - low), 0.0, 1.0)
-  up = _blocks_of(to_uniform(bits), blocks) < p
+  high, low = level(k), jnp.where(k == TOP - 1, 0.0, level(k + 1))
+  # log2's last ulps may put x just outside [low, high]: one level either way, its neighbour
+  # by a factor 2^±γ (within 3e-7 of level(): a bias that small, where it happens at all).
+  above = (x > high) & (k > 0)
+  below = (x < low) & (k < TOP - 1)
+  k = k - above.astype(jnp.int32) + below.astype(jnp.int32)
+  high, low = (
+    jnp.where(above, high * jnp.float32(2.0**_GAMMA), jnp.where(below, low, high)),
+    jnp.where(above, high, jnp.where(below, low * jnp.float32(2.0**-_GAMMA), low)),
+  )
+  low = jnp.where(k == TOP - 1, 0.0, low)  # under the floor: between 0 and it
+  # Up with probability p = (x − low)/(high − low), without the division.
+  up = _blocks_of(to_uniform(bits), blocks) * (high - low) < x - low
   codes = jnp.where(up | (grouped >= scale), TOP - k, TOP - k - 1)
   shape = values.shape
   return RatioCode(codes.astype(jnp.uint16).reshape(shape), _scale_shape(scale, shape))
