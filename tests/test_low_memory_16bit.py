@@ -119,10 +119,7 @@ def test_a_changed_eps_reads_e_dx2_with_the_eps_its_ratio_was_formed_with():
   rng = np.random.default_rng(3)
   grads = rng.standard_normal((80, 4, 512)).astype(np.float32)
   epss = [1e-2] * 50 + [1e-6] * 30
-  inject = optax.inject_hyperparams(
-    rounded16.scale_by_adadelta_16bit, static_args="accumulator_dtype"
-  )
-  tx = inject(rho=0.9, eps=1e-6)
+  tx = optax.inject_hyperparams(optax_adadelta.scale_by_adadelta_16bit)(rho=0.9, eps=1e-6)
   state = tx.init(jnp.zeros((4, 512)))
   update = jax.jit(tx.update)
   for t, g in enumerate(grads):

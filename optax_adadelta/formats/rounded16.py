@@ -64,7 +64,7 @@ def scale_by_adadelta_16bit(
   rho: Any = 0.95,
   eps: Any = 1e-6,
   *,
-  accumulator_dtype: Any = jnp.bfloat16,
+  accumulator_dtype: Any = "bfloat16",
   update_rule: _rules.UpdateRule = "default",
 ) -> optax.GradientTransformation:
   r"""Adadelta's :func:`~optax_adadelta.scale_by_adadelta` on a 16-bit state (~4 bytes/param).
@@ -87,9 +87,10 @@ def scale_by_adadelta_16bit(
     rho: decay rate of both running averages, in [0, 1].
     eps: added inside both square roots, > 0; may change between steps
       (``optax.inject_hyperparams``) or be traced (``vmap``).
-    accumulator_dtype: ``jnp.bfloat16`` (the default) or ``jnp.float16``; ``None`` keeps
-      each parameter's dtype (then at least one parameter must be narrower than float32;
-      the others keep a full-precision state).
+    accumulator_dtype: ``"bfloat16"`` (the default; a name, so that
+      ``optax.inject_hyperparams`` does not take it for a number) or ``jnp.float16``
+      (``jnp.bfloat16`` also works); ``None`` keeps each parameter's dtype (then at least
+      one parameter must be narrower than float32; the others keep a full-precision state).
     update_rule: whose order of floating-point operations to follow (see
       :func:`~optax_adadelta.scale_by_adadelta`).
 
