@@ -84,10 +84,13 @@ def np_step(g, e_g2, e_dx2, rho, eps):
   return dx, e_g2, rho * e_dx2 + (1 - rho) * dx * dx
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("rho, eps", [(0.95, 1e-4), (0.99, 1e-8)])
-def test_16bit_steps_are_not_biased_against_float64_adadelta(rho, eps):
+def test_16bit_steps_are_not_biased_against_float64_adadelta(rho, eps, dtype):
   """Random gradients (scales log-normal) on a (8, 512) leaf for 300 steps: mean |Δx| over
-  the last 100 steps and the mean E[Δx²] within 1 % of a float64 NumPy Adadelta's."""
+  the last 100 steps within 1 % of a float64 NumPy Adadelta's, the mean E[Δx²] within 1 %
+  (bfloat16; measured 0.01 % and 0.02 %) or 2 % (float16, whose smallest E[g²] are
+  subnormal: measured 0.9 % at ρ = 0.99, ε = 1e-8)."""
   rng = np.random.default_rng(7)
   scale = np.exp(rng.standard_normal((8, 512))) * 0.05
   grads = (rng.standard_normal((300, 8, 512)) * scale).astype(np.float32)
@@ -95,14 +98,14 @@ def test_16bit_steps_are_not_biased_against_float64_adadelta(rho, eps):
   for g in grads.astype(np.float64):
     dx, e_g2, e_dx2 = np_step(g, e_g2, e_dx2, rho, eps)
     steps.append(dx)
-  tx = rounded16.scale_by_adadelta_16bit(rho, eps)
+  tx = rounded16.scale_by_adadelta_16bit(rho, eps, accumulator_dtype=dtype)
   run = lambda state, gs: jax.lax.scan(lambda s, g: tx.update(g, s)[::-1], state, gs)
   state, got = jax.jit(run)(tx.init(jnp.zeros((8, 512))), jnp.asarray(grads))
   step_ratio = np.abs(np.asarray(got[-100:], np.float64)).mean() / np.abs(steps[-100:]).mean()
   dx2_ratio = np.asarray(rounded16.average_values(state)[1], np.float64).mean() / e_dx2.mean()
-  print(f"rho={rho}, eps={eps}: mean |Δx| × {step_ratio:.5f}, E[Δx²] × {dx2_ratio:.5f}")
+  print(f"{dtype}, rho={rho}, eps={eps}: mean |Δx| × {step_ratio:.5f}, E[Δx²] × {dx2_ratio:.5f}")
   assert abs(step_ratio - 1) < 0.01
-  assert abs(dx2_ratio - 1) < 0.01
+  assert abs(dx2_ratio - 1) < (0.01 if dtype == "bfloat16" else 0.02)
 
 
 def _np_run(grads, rho, epss):
