@@ -202,4 +202,51 @@ def average_values(state: Rounded16AdadeltaState) -> tuple[Any, Any]:
   return e_g2, jax.tree.map(e_dx2, state.e_dx2, e_g2, is_leaf=is_ratio_code)
 
 
+# Checkpoints of the layout before #22 --------------------------------------------------
+# There the 16-bit state was a LowMemoryAdadeltaState(count, e_g2, e_dx2) of two 16-bit trees.
+
+
+def _is_state(node: Any) -> bool:
+  return isinstance(node, Rounded16AdadeltaState)
+
+
+def layout_before_22(opt_state: Any) -> Any:
+  """`opt_state` (a state or its shapes) with each 16-bit state in the layout before #22: a
+  template for ``checkpoint.restore`` of a checkpoint written then."""
+
+  def old(node: Any) -> Any:
+    if not _is_state(node):
+      return node
+    like = lambda code, g2: (
+      jax.ShapeDtypeStruct(code.codes.shape, g2.dtype) if is_ratio_code(code) else code
+    )
+    e_dx2 = jax.tree.map(like, node.e_dx2, node.e_g2, is_leaf=is_ratio_code)
+    return low_memory.LowMemoryAdadeltaState(node.count, node.e_g2, e_dx2)
+
+  return jax.tree.map(old, opt_state, is_leaf=_is_state)
+
+
+def from_layout_before_22(old_state: Any, new_state: Any) -> Any:
+  """The state restored with :func:`layout_before_22`'s template, in this layout: `new_state`
+  (``tx.init(params)`` of the optimizer to resume) gives the structure, blocks and ε; each
+  E[Δx²] becomes R = (E[Δx²] + ε)/(E[g²] + ε), rounded to the nearer code."""
+
+  def convert(new: Any, old: Any) -> Any:
+    if not _is_state(new):
+      return old
+
+    def ratio(code: Any, e_g2: Any, e_dx2: Any) -> Any:
+      if not is_ratio_code(code):
+        return e_dx2
+      e_g2, e_dx2 = e_g2.astype(jnp.float32), e_dx2.astype(jnp.float32)
+      blocks = 1 if code.scale.ndim == 0 else code.scale.shape[-1]
+      nearest = jnp.full(e_g2.shape, 0x7FFF, jnp.uint32)  # u just below ½: up when p > ½
+      return ratio_code.encode((e_dx2 + new.eps) / (e_g2 + new.eps), blocks, nearest)
+
+    e_dx2 = jax.tree.map(ratio, new.e_dx2, old.e_g2, old.e_dx2, is_leaf=is_ratio_code)
+    return Rounded16AdadeltaState(old.count, new.eps, old.e_g2, e_dx2)
+
+  return jax.tree.map(convert, new_state, old_state, is_leaf=_is_state)
+
+
 FORMAT = Rounded16Format()
