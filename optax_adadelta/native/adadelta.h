@@ -145,31 +145,40 @@ constexpr std::int64_t kChunk = 1 << 15;  // coordinates per task: 128 KiB per f
 // Runs run(leaf, first, last) on blocks [first, last) of each leaf, every block once (a leaf has
 // `size` coordinates in blocks of `block`: 1 for the float kernel). The leaves are laid end to
 // end and cut into tasks of kChunk coordinates: small leaves share a task, large ones are split
-// across threads; a block goes to the task where it starts.
+// across threads; a block goes to the task where it starts. With `leaf_starts_task`, each leaf
+// starts a task of its own (the 8-bit kernel: a small leaf's work is already a task's worth).
 template <typename Leaf, typename RunBlocks>
-void RunInChunks(ffi::ThreadPool& pool, const std::vector<Leaf>& leaves, const RunBlocks& run) {
-  std::vector<std::int64_t> offsets{0};  // leaf i holds coordinates [offsets[i], offsets[i+1])
-  for (const Leaf& leaf : leaves) offsets.push_back(offsets.back() + leaf.size);
-  const std::int64_t total = offsets.back();
+void RunInChunks(ffi::ThreadPool& pool, const std::vector<Leaf>& leaves, bool leaf_starts_task,
+                 const RunBlocks& run) {
+  std::vector<std::int64_t> starts;  // leaf i holds coordinates [starts[i], starts[i] + size)
+  std::int64_t total = 0;
+  for (const Leaf& leaf : leaves) {
+    if (leaf_starts_task) total = (total + kChunk - 1) / kChunk * kChunk;
+    starts.push_back(total);
+    total += leaf.size;
+  }
   const auto blocks_before = [](std::int64_t coordinate, const Leaf& leaf) {
     return (coordinate + leaf.block - 1) / leaf.block;  // blocks starting before `coordinate`
   };
   ParallelFor(pool, (total + kChunk - 1) / kChunk, [&](std::int64_t c) {
     const std::int64_t begin = c * kChunk, end = std::min(total, begin + kChunk);
-    std::size_t i = std::upper_bound(offsets.begin(), offsets.end(), begin) - offsets.begin() - 1;
-    for (; i < leaves.size() && offsets[i] < end; ++i) {
-      const Leaf& leaf = leaves[i];
-      const std::int64_t first = blocks_before(std::max(begin, offsets[i]) - offsets[i], leaf);
-      const std::int64_t last = blocks_before(std::min(end, offsets[i + 1]) - offsets[i], leaf);
+    std::size_t i = std::upper_bound(starts.begin(), starts.end(), begin) - starts.begin() - 1;
+    for (; i < leaves.size() && starts[i] < end; ++i) {
+      const Leaf& leaf = leaves[i];  // its coordinates [from, to) are in this task
+      const std::int64_t from = std::max(begin - starts[i], std::int64_t{0});
+      const std::int64_t to = std::min(end - starts[i], leaf.size);
+      const std::int64_t first = blocks_before(from, leaf), last = blocks_before(to, leaf);
       if (first < last) run(leaf, first, last);
     }
   });
 }
 
-// What a kernel's errors say: the name they start with and what it needs of each leaf.
+// What a kernel's errors say (the name they start with, what it needs of each leaf) and how
+// its leaves are cut into tasks (`RunInChunks`).
 struct Kernel {
   const char* name;
   const char* leaf_needs;
+  bool leaf_starts_task;
 };
 
 // The binding both handlers share; a kernel appends its own attributes.
@@ -226,9 +235,10 @@ ffi::Error UpdateLeaves(const Kernel& kernel, ffi::ThreadPool& pool,
     leaves.push_back(*leaf);
   }
   const bool fma = HasFma();
-  RunInChunks(pool, leaves, [&](const Leaf& leaf, std::int64_t first, std::int64_t last) {
-    run(leaf, first, last, h, fma);
-  });
+  RunInChunks(pool, leaves, kernel.leaf_starts_task,
+              [&](const Leaf& leaf, std::int64_t first, std::int64_t last) {
+                run(leaf, first, last, h, fma);
+              });
   return ffi::Error::Success();
 }
 

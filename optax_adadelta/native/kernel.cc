@@ -99,7 +99,8 @@ std::optional<Leaf> Describe(std::array<ffi::AnyBuffer, 3>& in,
 constexpr Kernel kFloatKernel{
     "optax_adadelta native update",
     "(gradient, state) dtypes (float32, float32), (bfloat16, float32) or (bfloat16, bfloat16) "
-    "and equal sizes"};
+    "and equal sizes",
+    /*leaf_starts_task=*/false};
 
 ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
                       float rho, float one_minus_rho, float eps) {

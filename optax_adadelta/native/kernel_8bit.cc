@@ -250,7 +250,8 @@ std::optional<Leaf> Describe(std::array<ffi::AnyBuffer, 6>& in,
 constexpr Kernel k8bitKernel{
     "optax_adadelta native 8-bit update",
     "a float32 or bfloat16 gradient, uint8 codes of its size, float32 scales of blocks of at "
-    "most 256 codes, and uint32 keys, one per problem of whole blocks"};
+    "most 256 codes, and uint32 keys, one per problem of whole blocks",
+    /*leaf_starts_task=*/true};
 
 ffi::Error UpdateImpl(ffi::ThreadPool pool, ffi::RemainingArgs args, ffi::RemainingRets rets,
                       float rho, float one_minus_rho, float eps, bool stochastic) {
