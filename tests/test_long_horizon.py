@@ -10,9 +10,9 @@ bursts whose timing any perturbation moves: float64 itself, given 6 other noise 
 (`benchmarks/long_horizon.py`), spreads its final loss over up to 1.20× and its largest
 step over up to 1.52×. A narrow state must stay inside that spread (×1.25, ×1.6); the
 float32 states, whose rounding is 2¹⁶ times finer than bfloat16's, within 5 %. The bfloat16
-state stores R = (E[Δx²] + ε)/(E[g²] + ε) in a 16-bit code since #22 (measured: loss ×0.95–1.06,
-largest step ×0.99–1.29 over problem seeds 0–2); before, its two bfloat16 averages took the
-largest step to ×2–15 at ρ 0.9 and 0.95 (these tests fail on that layout).
+state stores R = (E[Δx²] + ε)/(E[g²] + ε) in a 16-bit code since #22 (measured: loss ×0.94–1.05,
+largest step ×0.96–1.19 over problem seeds 0–2); before, its two bfloat16 averages took the
+largest step to ×2.0 at ρ 0.9 (seed 0) and ×2.3–14.7 at ρ 0.95 (these tests fail on that).
 
 Each coordinate of the mixed blocks: √(mean Δx²) over the last 1,000 steps against
 float64's. With |g| ≫ √ε, E[Δx²] only grows, by (1 − ρ)ε a step, with nothing pulling it
