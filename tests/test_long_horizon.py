@@ -50,10 +50,14 @@ EIGHT_BIT_EDGE = (
   "edge-of-stability bursts larger than float64's seed spread (docs/guides/low_memory.md)"
 )
 EIGHT_BIT_FLOOR = (
-  "#22 by design: an E[g2] under its block's floor S*2^-24 is read as the floor, so that "
-  "coordinate steps shorter than float64 (down to x0.39 at a 10^5x spread), never longer "
-  "(docs/guides/low_memory.md)"
+  "#22, a limit of 2 bytes: an E[g2] under its block's floor S*2^-24 is read as the floor, so "
+  "that coordinate steps shorter than float64 (by design), and the 8-bit ratio's rounding "
+  "noise random-walks every coordinate's step (up to x1.49 of float64's after 10,000 steps; "
+  "docs/guides/low_memory.md)"
 )
+# What the 8-bit state does promise in a mixed block: no step much longer than float64's (before
+# #22 a coordinate under the floor grew x10^8 in 3,000 steps); see test_8bit_mixed_block_*.
+EIGHT_BIT_LONGEST = 2.5
 KNOWN = {  # (test, format, (rho, eps)) -> reason
   **{("quadratic", "8bit", h): EIGHT_BIT_EDGE for h in lh.HYPERS},
   **{("mixed", "8bit", h): EIGHT_BIT_FLOOR for h in lh.HYPERS},
@@ -127,3 +131,15 @@ def test_every_coordinate_of_a_mixed_block_steps_as_in_float64(profile, seed, hy
     f"coordinate {worst} (|g| = {_problem(profile, seed).mixed_magnitude[worst]:.3g}): "
     f"|dx| {got.mixed_step_rms[worst]:.4g} against float64's {want.mixed_step_rms[worst]:.4g}"
   )
+
+
+@pytest.mark.parametrize("hyper", lh.HYPERS, ids=lambda h: f"rho{h[0]}-eps{h[1]:g}")
+def test_8bit_mixed_block_never_steps_much_longer_than_float64(hyper):
+  """The 8-bit state's bound in a block of gradients spanning 10⁵× (the docstring's other test
+  holds it to float64 and is a known failure): measured ×0.04–1.49 of float64's |Δx|,
+  the shortest under the floor."""
+  got, want = _run("default", 0, hyper, "8bit"), _float64("default", 0, hyper)
+  ratio = got.mixed_step_rms / want.mixed_step_rms
+  print(f"|dx| ratio in [{ratio.min():.3f}, {ratio.max():.3f}]")
+  assert np.all(np.isfinite(ratio)) and np.all(ratio > 0)
+  assert ratio.max() <= EIGHT_BIT_LONGEST, np.unravel_index(np.argmax(ratio), ratio.shape)
