@@ -802,7 +802,7 @@ def check_mutated_gradients(data, optimizers):
   params = build_tree(specs, leaves) if as_dict else leaves
   mutation = data.draw(st.sampled_from(MUTATIONS), "mutation")
   if optimizer == "low-memory" and mutation == "python-float":
-    mutation = "same"  # an AttributeError in _low_memory.py: test_fuzz.py's strict xfail
+    mutation = "same"  # an AttributeError in the low-memory format: test_fuzz.py's strict xfail
   grads, key = mutate(data, draw_grads(data, rng, params, 1, 1.0)[0], mutation)
   note(f"gradients: {jax.tree.map(lambda x: getattr(x, 'shape', x), grads)}")
   tx = OPTIMIZERS[optimizer]()
