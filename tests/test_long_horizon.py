@@ -46,8 +46,9 @@ STEP_FACTOR = {"bf16_sr": 1.6, "8bit": 1.6} | dict.fromkeys(FLOAT_FORMATS, 1.05)
 RELATIVE_SPACING = {"bf16_sr": 2.0**-7, "8bit": 2.0 ** (24 / 254) - 1}
 
 EIGHT_BIT_EDGE = (
-  "#22 open: the 8-bit averages' rounding noise makes the stiffest coordinates' (h ~ 30) "
-  "edge-of-stability bursts larger than float64's seed spread (docs/guides/low_memory.md)"
+  "#22, a limit of 2 bytes: the 8-bit averages' rounding noise makes the stiffest "
+  "coordinates' (h ~ 30) edge-of-stability bursts larger than float64's seed spread "
+  "(docs/guides/low_memory.md)"
 )
 EIGHT_BIT_FLOOR = (
   "#22, a limit of 2 bytes: an E[g2] under its block's floor S*2^-24 is read as the floor, so "
