@@ -57,6 +57,20 @@ class PrivateUse(NamedTuple):
   line: int
 
 
+def parse(path: Path) -> ast.Module:
+  """`path`'s syntax tree. CPython 3.11's AST constructor can raise a spurious SystemError
+  ("AST constructor recursion depth mismatch", CPython gh-106905); here it came only after the
+  checkpoint tests, whose orbax threads are still alive (2 runs of 3), so such a parse is
+  retried."""
+  for attempt in range(5):
+    try:
+      return ast.parse(path.read_text(), filename=str(path))
+    except SystemError:
+      if attempt == 4:
+        raise
+  raise AssertionError("unreachable")
+
+
 def modules(root: Path = ROOT) -> dict[str, Path]:
   """Every module of the package, by dotted name (a package's __init__ is the package's name)."""
   found = {}
@@ -168,7 +182,7 @@ def read(root: Path = ROOT) -> dict[str, _Reader]:
   readers = {}
   for module, path in known.items():
     reader = _Reader(module, set(known), root)
-    reader.visit(ast.parse(path.read_text(), filename=str(path)))
+    reader.visit(parse(path))
     readers[module] = reader
   return readers
 
@@ -254,7 +268,7 @@ def _state_classes(root: Path) -> tuple[set[str], set[str]]:
   """The state classes formats/ defines (NamedTuples, classes named *State) and their fields."""
   names, fields = set(), set()
   for path in (root / PACKAGE / "formats").glob("*.py"):
-    for node in ast.parse(path.read_text()).body:
+    for node in parse(path).body:
       bases = {getattr(b, "id", getattr(b, "attr", "")) for b in getattr(node, "bases", [])}
       if isinstance(node, ast.ClassDef) and ("NamedTuple" in bases or node.name.endswith("State")):
         names.add(node.name)
@@ -269,7 +283,7 @@ def format_inspections(root: Path = ROOT) -> list[str]:
   for module, path in modules(root).items():
     if module.startswith(f"{PACKAGE}.formats") or module == PACKAGE:
       continue
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(parse(path)):
       if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
         continue
       if node.func.id == "isinstance" and len(node.args) == 2:

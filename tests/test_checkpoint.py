@@ -8,15 +8,18 @@ The resumed runs are compared with uninterrupted ones bit for bit.
 import pickle
 import re
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+pytest.importorskip("orbax.checkpoint", reason="needs orbax-checkpoint (the [checkpoint] extra)")
+pytest.importorskip("flax", reason="needs flax (the [notebooks] extra)")
+import flax.serialization
+import orbax.checkpoint as ocp
 
 import optax_adadelta
 from optax_adadelta import checkpoint

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+pytest.importorskip("orbax.checkpoint", reason="needs orbax-checkpoint (the [checkpoint] extra)")
+
 import optax_adadelta
 from optax_adadelta import checkpoint
 

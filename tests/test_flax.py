@@ -7,6 +7,8 @@ import jax
 import numpy as np
 import optax
 import pytest
+
+pytest.importorskip("flax", reason="needs flax (the [notebooks] extra)")
 from flax import nnx
 
 import optax_adadelta
