@@ -86,3 +86,11 @@ def run(
     if keep_steps:
       result.steps.append(taken)
   return result
+
+
+def step(g, e_g2, e_dx2, rho: float, eps: float):
+  """One step of Algorithm 1 for arrays of float64: (Δx, E[g²], E[Δx²]), Δx positive along g
+  (scale_by_adadelta's sign), for tests that drive the averages themselves (ε per step, say)."""
+  e_g2 = rho * e_g2 + (1 - rho) * g * g
+  dx = np.sqrt(e_dx2 + eps) / np.sqrt(e_g2 + eps) * g
+  return dx, e_g2, rho * e_dx2 + (1 - rho) * dx * dx

@@ -61,13 +61,6 @@ def np_quantize_nearest(values, blocks, floor_up=False):
   return codes.reshape(values.shape).astype(np.uint8), scale
 
 
-def np_step(g, e_g2, e_dx2, rho=RHO, eps=EPS):
-  """Algorithm 1 in float64."""
-  e_g2 = rho * e_g2 + (1 - rho) * g * g
-  dx = np.sqrt(e_dx2 + eps) / np.sqrt(e_g2 + eps) * g
-  return dx, e_g2, rho * e_dx2 + (1 - rho) * dx * dx
-
-
 def _wide_values(rng, shape, octaves=20):
   """Non-negative values spanning `octaves` of E, with exact zeros sprinkled in."""
   values = 2.0 ** rng.uniform(-octaves, 0, shape) * 10.0 ** rng.uniform(-3, 3, (*shape[:-1], 1))
@@ -88,10 +81,12 @@ def test_8bit_update_equals_float64_reference_of_dequantize_algorithm1_quantize(
   for _ in range(20):
     g = (rng.standard_normal((8, 768)) * 10.0 ** rng.uniform(-3, 1, (8, 768))).astype(np.float32)
     q_g2, q_dx2 = state.e_g2["w"], state.e_dx2["w"]
-    want_dx, want_g2, want_dx2 = np_step(
+    want_dx, want_g2, want_dx2 = reference.step(
       g.astype(np.float64),
       np_dequantize(q_g2.codes, q_g2.scale),
       np_dequantize(q_dx2.codes, q_dx2.scale),
+      RHO,
+      EPS,
     )
     dx, state = update({"w": jnp.asarray(g)}, state)
     np.testing.assert_allclose(dx["w"], want_dx, rtol=2e-6, atol=1e-30)
@@ -229,7 +224,7 @@ def test_8bit_steps_are_not_biased_against_float64_adadelta(rho, eps):
   grads = (rng.standard_normal((300, 8, 512)) * scale).astype(np.float32)
   e_g2, e_dx2, steps = np.zeros((8, 512)), np.zeros((8, 512)), []
   for g in grads.astype(np.float64):
-    dx, e_g2, e_dx2 = np_step(g, e_g2, e_dx2, rho, eps)
+    dx, e_g2, e_dx2 = reference.step(g, e_g2, e_dx2, rho, eps)
     steps.append(dx)
   tx = optax_adadelta.scale_by_adadelta(rho, eps, state_bits=8)
   run = lambda state, gs: jax.lax.scan(lambda s, g: tx.update(g, s)[::-1], state, gs)

@@ -18,6 +18,7 @@ import optax_adadelta
 from optax_adadelta.formats import ratio_code, rounded16
 from optax_adadelta.formats.random_bits import random_bits
 from optax_adadelta.formats.rounded16 import Rounded16AdadeltaState
+from tests import reference
 
 GAMMA = 40 / 65534  # documented: R(c) = S · 2^(−γ(65535 − c)), R(0) = 0
 
@@ -77,13 +78,6 @@ def test_ratio_code_keeps_scalars_nans_and_values_under_the_floor():
   assert (back[3] == 0 or abs(back[3] / 2.0**-40 - 1) < 1e-5) and back[0] == 1.0
 
 
-def np_step(g, e_g2, e_dx2, rho, eps):
-  """Algorithm 1 in float64."""
-  e_g2 = rho * e_g2 + (1 - rho) * g * g
-  dx = np.sqrt(e_dx2 + eps) / np.sqrt(e_g2 + eps) * g
-  return dx, e_g2, rho * e_dx2 + (1 - rho) * dx * dx
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("rho, eps", [(0.95, 1e-4), (0.99, 1e-8)])
 def test_16bit_steps_are_not_biased_against_float64_adadelta(rho, eps, dtype):
@@ -96,7 +90,7 @@ def test_16bit_steps_are_not_biased_against_float64_adadelta(rho, eps, dtype):
   grads = (rng.standard_normal((300, 8, 512)) * scale).astype(np.float32)
   e_g2, e_dx2, steps = np.zeros((8, 512)), np.zeros((8, 512)), []
   for g in grads.astype(np.float64):
-    dx, e_g2, e_dx2 = np_step(g, e_g2, e_dx2, rho, eps)
+    dx, e_g2, e_dx2 = reference.step(g, e_g2, e_dx2, rho, eps)
     steps.append(dx)
   tx = rounded16.scale_by_adadelta_16bit(rho, eps, accumulator_dtype=dtype)
   run = lambda state, gs: jax.lax.scan(lambda s, g: tx.update(g, s)[::-1], state, gs)
@@ -111,7 +105,7 @@ def test_16bit_steps_are_not_biased_against_float64_adadelta(rho, eps, dtype):
 def _np_run(grads, rho, epss):
   e_g2 = e_dx2 = np.zeros(grads.shape[1:])
   for g, eps in zip(grads.astype(np.float64), epss, strict=True):
-    dx, e_g2, e_dx2 = np_step(g, e_g2, e_dx2, rho, eps)
+    dx, e_g2, e_dx2 = reference.step(g, e_g2, e_dx2, rho, eps)
   return dx, e_dx2
 
 
@@ -193,7 +187,7 @@ def test_the_first_step_is_float64_adadeltas_first_step():
   g = jnp.asarray(np.random.default_rng(5).standard_normal((4, 256)), jnp.float32)
   tx = rounded16.scale_by_adadelta_16bit(0.9, 1e-6)
   dx, _ = tx.update(g, tx.init(jnp.zeros((4, 256))))
-  want, *_ = np_step(np.asarray(g, np.float64), 0.0, 0.0, 0.9, 1e-6)
+  want, *_ = reference.step(np.asarray(g, np.float64), 0.0, 0.0, 0.9, 1e-6)
   np.testing.assert_allclose(np.asarray(dx, np.float64), want, rtol=2e-6)
 
 
