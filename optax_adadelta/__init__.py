@@ -4,6 +4,11 @@ from optax_adadelta import interop, presets, sharding
 from optax_adadelta._adadelta import adadelta, scale_by_adadelta
 from optax_adadelta.formats.codes_8bit import QuantizedAverage
 from optax_adadelta.formats.eight_bit import scale_by_adadelta_8bit
+from optax_adadelta.formats.factored import (
+  FactoredAdadeltaState,
+  FactoredAverage,
+  scale_by_adadelta_factored,
+)
 from optax_adadelta.formats.full import ScaleByAdadeltaState
 from optax_adadelta.formats.low_memory import LowMemoryAdadeltaState
 from optax_adadelta.formats.packed import (
@@ -27,6 +32,8 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
   "AccumulateGradientsState",
+  "FactoredAdadeltaState",
+  "FactoredAverage",
   "LowMemoryAdadeltaState",
   "PackedAdadeltaState",
   "PackedLayout",
@@ -46,6 +53,7 @@ __all__ = [
   "scale_by_adadelta",
   "scale_by_adadelta_8bit",
   "scale_by_adadelta_16bit",
+  "scale_by_adadelta_factored",
   "scale_by_adadelta_packed",
   "sharding",
 ]

@@ -26,6 +26,8 @@ def scale_by_adadelta(
   stochastic_rounding: bool | None = None,
   state_bits: int | None = None,
   min_8bit_size: int | None = None,
+  factored: bool = False,
+  min_dim_size_to_factor: int | None = None,
 ) -> optax.GradientTransformation:
   r"""Rescales gradients by Adadelta's ratio of running averages.
 
@@ -79,12 +81,20 @@ def scale_by_adadelta(
     min_8bit_size: leaves with fewer elements keep a full-precision state; ``None`` means
       4096, bitsandbytes' default. With ``optax.inject_hyperparams``, name ``state_bits``
       and ``min_8bit_size`` in ``static_args``.
+    factored: keep each matrix's averages as their row and column means, read back as a
+      rank-1 estimate (Adafactor's factoring; 8(n + m) bytes for an n × m matrix): the
+      history of each average is factored, the present gradient enters exactly. See
+      :func:`scale_by_adadelta_factored` for the equations and what it gives up.
+    min_dim_size_to_factor: with ``factored``, a leaf is factored when its two largest
+      dimensions are both at least this (optax.adafactor's rule; ``None`` means 128, its
+      default); other leaves keep full averages. With ``optax.inject_hyperparams``, name
+      it in ``static_args``.
 
   Returns:
     An :class:`optax.GradientTransformation` whose state is a
     :class:`ScaleByAdadeltaState` (a :class:`PackedAdadeltaState`; with
     ``stochastic_rounding`` a :class:`Rounded16AdadeltaState`; with ``state_bits=8`` a
-    :class:`LowMemoryAdadeltaState`).
+    :class:`LowMemoryAdadeltaState`; with ``factored`` a :class:`FactoredAdadeltaState`).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -109,6 +119,8 @@ def scale_by_adadelta(
     stochastic_rounding=stochastic_rounding,
     state_bits=state_bits,
     min_8bit_size=min_8bit_size,
+    factored=factored,
+    min_dim_size_to_factor=min_dim_size_to_factor,
   )
   return formats.choose(options).transformation(options)
 
@@ -129,6 +141,8 @@ def adadelta(
   stochastic_rounding: bool | None = None,
   state_bits: int | None = None,
   min_8bit_size: int | None = None,
+  factored: bool = False,
+  min_dim_size_to_factor: int | None = None,
 ) -> optax.GradientTransformation:
   r"""The Adadelta optimizer: descends by :math:`\eta\, \Delta x_t`.
 
@@ -167,6 +181,7 @@ def adadelta(
       :func:`scale_by_adadelta`.
     stochastic_rounding, state_bits, min_8bit_size: the low-memory state; see
       :func:`scale_by_adadelta`.
+    factored, min_dim_size_to_factor: the factored state; see :func:`scale_by_adadelta`.
 
   Returns:
     An :class:`optax.GradientTransformation` (an ``optax.chain``).
@@ -196,6 +211,8 @@ def adadelta(
     stochastic_rounding=stochastic_rounding,
     state_bits=state_bits,
     min_8bit_size=min_8bit_size,
+    factored=factored,
+    min_dim_size_to_factor=min_dim_size_to_factor,
   )
   decay = _add_decayed_weights(weight_decay, weight_decay_mask)
   first, *rest = [

@@ -360,6 +360,21 @@ def check_low_memory(
   return bool(state_bits == 8 if stochastic_rounding is None else stochastic_rounding)
 
 
+def check_min_dim_size_to_factor(size: Any) -> int:
+  """`size` as an int >= 1 (``None``: 128, optax.adafactor's default), or a clear error."""
+  if size is None:
+    return 128
+  if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
+    static = _is_tracer(size) or isinstance(size, jax.Array)
+    hint = "; with optax.inject_hyperparams, name it in static_args" if static else ""
+    raise ValueError(
+      "min_dim_size_to_factor must be an int >= 1 or None (a leaf is factored when its two "
+      f"largest dimensions are both at least this; None means 128, optax.adafactor's "
+      f"default), got {size!r}{hint}"
+    )
+  return int(size)
+
+
 def check_narrow_state(dtype: Any) -> None:
   """Stochastic rounding of a 16-bit state: refuse one of 32 bits or more."""
   if jnp.finfo(dtype).bits >= 32:

@@ -7,11 +7,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from optax_adadelta.formats import eight_bit, full, packed, rounded16
+from optax_adadelta.formats import eight_bit, factored, full, packed, rounded16
 from optax_adadelta.formats.base import Options, StateFormat
 
 # A state type made by several formats is answered for by the first listed.
-FORMATS: tuple[StateFormat, ...] = (full.FORMAT, packed.FORMAT, eight_bit.FORMAT, rounded16.FORMAT)
+FORMATS: tuple[StateFormat, ...] = (
+  full.FORMAT,
+  packed.FORMAT,
+  eight_bit.FORMAT,
+  rounded16.FORMAT,
+  factored.FORMAT,
+)
 
 
 def choose(options: Options) -> StateFormat:

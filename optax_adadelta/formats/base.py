@@ -41,6 +41,8 @@ class Options:
   stochastic_rounding: bool = False
   state_bits: int | None = None
   min_8bit_size: int = 4096
+  factored: bool = False
+  min_dim_size_to_factor: int = 128
 
   @property
   def low_memory(self) -> bool:
@@ -59,6 +61,8 @@ def options(
   stochastic_rounding: bool | None = None,
   state_bits: int | None = None,
   min_8bit_size: int | None = None,
+  factored: bool = False,
+  min_dim_size_to_factor: int | None = None,
 ) -> Options:
   """The keywords checked one by one (a clear error naming the first bad one), as Options."""
   _checks.check_in_range("rho", rho, low=0.0, high=1.0, low_open=False)
@@ -68,6 +72,8 @@ def options(
   _checks.check_choice("implementation", implementation, IMPLEMENTATIONS)
   _checks.check_flag("packed_state", packed_state)
   rounding = _checks.check_low_memory(state_bits, stochastic_rounding, min_8bit_size, dtype)
+  _checks.check_flag("factored", factored)
+  min_dim = _checks.check_min_dim_size_to_factor(min_dim_size_to_factor)
   return Options(
     rho=rho,
     eps=eps,
@@ -78,6 +84,8 @@ def options(
     stochastic_rounding=rounding,
     state_bits=state_bits,
     min_8bit_size=4096 if min_8bit_size is None else int(min_8bit_size),
+    factored=factored,
+    min_dim_size_to_factor=min_dim,
   )
 
 
@@ -86,7 +94,7 @@ class StateFormat(Protocol):
 
   @property
   def name(self) -> str:
-    """ "full", "packed", "16-bit", "8-bit": what errors and docs call it."""
+    """ "full", "packed", "16-bit", "8-bit", "factored": what errors and docs call it."""
     ...
 
   @property
@@ -95,7 +103,8 @@ class StateFormat(Protocol):
     ...
 
   def selected_by(self, options: Options) -> bool:
-    """Whether these options ask for this format (``"full"`` is chosen when none does)."""
+    """Whether these options ask for this format (``"full"``, asked for by none, is chosen
+    when no other format is)."""
     ...
 
   def refuse(self, options: Options) -> None:

@@ -134,6 +134,8 @@ def transformation(
   make_state: Callable[[jax.Array, Any, Any], Any] = LowMemoryAdadeltaState,
   state_type: type = LowMemoryAdadeltaState,
   needs_narrow: bool = False,
+  check_coded: Callable[[Any, Any, Any], None] | None = None,
+  wrap_coded: bool = True,
 ) -> optax.GradientTransformation:
   """Adadelta on a low-memory state; `update_leaf(g, e_g2, e_dx2)` updates float32.
 
@@ -143,7 +145,10 @@ def transformation(
   together, which returns (Δx, E[g²] node, E[Δx²] node) of each; `coded(node)` says
   whether a state node is coded. `make_state(count, e_g2, e_dx2)` builds the state (an
   instance of `state_type`); `needs_narrow` refuses, at init, a state without a leaf
-  narrower than float32. `what` names the transformation in errors.
+  narrower than float32. `what` names the transformation in errors. `check_coded(path, g,
+  node)` checks a gradient against its coded node (by default, against the node's first
+  array, which is then shaped like the parameter); `wrap_coded=False` keeps a coded node's
+  arrays out of the parameter's Flax NNX Variable (for arrays not shaped like it).
   """
 
   def init_fn(params):
@@ -156,6 +161,8 @@ def transformation(
       like = lambda make: jax.tree.map(make, wrapped)  # inside a Variable if p is in one
       if node is None:
         return like(lambda p: jnp.zeros_like(p, dtype=dtype))
+      if not wrap_coded:
+        return node
       return type(node)(*(like(lambda _, part=part: part) for part in node))
 
     def averages(field):  # called once per field: the two trees share no buffer
@@ -171,7 +178,7 @@ def transformation(
 
   def update_fn(updates, state, params=None):
     del params
-    wrapped, treedef = _check(updates, state, coded, what, state_type)
+    wrapped, treedef = _check(updates, state, coded, what, state_type, check_coded)
     old_g2 = _checks.leaves_like_state(treedef, state.e_g2, "e_g2")
     old_dx2 = _checks.leaves_like_state(treedef, state.e_dx2, "e_dx2")
     steps: list[Any] = []
@@ -192,7 +199,7 @@ def transformation(
       if coded(a) or coded(b):
         coded_leaves[number] = (g, a, b, key)
         continue
-      step, a_new, b_new = update_leaf(g, _widen(a), _widen(b))
+      step, a_new, b_new = update_leaf(g, widen(a), widen(b))
       bits = None if not stochastic_rounding else bits_from_key(key, g.shape)
       steps[number] = rewrap(step, g_in)
       new_g2[number] = rewrap(_store(a_new, a, None if bits is None else bits >> 16), a_in)
@@ -217,7 +224,7 @@ def _store(value: jax.Array, old: jax.Array, bits: jax.Array | None) -> jax.Arra
   return value.astype(old.dtype)
 
 
-def _widen(average: jax.Array) -> jax.Array:
+def widen(average: jax.Array) -> jax.Array:
   """A 16-bit average as float32; any other as it is."""
   return average.astype(jnp.float32) if narrower_than_float32(average.dtype) else average
 
@@ -227,7 +234,14 @@ def _payload(node: Any, coded: Callable[[Any], bool]) -> Any:
   return node[0] if coded(node) else node
 
 
-def _check(updates: Any, state: Any, coded: Callable[[Any], bool], what: str, state_type: Any):
+def _check(
+  updates: Any,
+  state: Any,
+  coded: Callable[[Any], bool],
+  what: str,
+  state_type: Any,
+  check_coded: Callable[[Any, Any, Any], None] | None,
+):
   if not isinstance(state, state_type):
     raise TypeError(
       f"{what} expects a {state_type.__name__}, got {type(state).__name__}; build the "
@@ -238,8 +252,12 @@ def _check(updates: Any, state: Any, coded: Callable[[Any], bool], what: str, st
   )
   leaves = _checks.leaves_like_state(treedef, state.e_g2, "e_g2")
   for (path, g), a in zip(with_paths, leaves, strict=True):
-    if g is not None:
-      a = unwrap(a, coded)
+    if g is None:
+      continue
+    a = unwrap(a, coded)
+    if check_coded is not None and coded(a):
+      check_coded(path, unwrap(g, coded), a)
+    else:
       _checks.check_gradient_leaf(path, unwrap(g, coded), _payload(a, coded))
   return [g for _, g in with_paths], treedef
 
