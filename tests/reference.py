@@ -94,3 +94,36 @@ def step(g, e_g2, e_dx2, rho: float, eps: float):
   e_g2 = rho * e_g2 + (1 - rho) * g * g
   dx = np.sqrt(e_dx2 + eps) / np.sqrt(e_g2 + eps) * g
   return dx, e_g2, rho * e_dx2 + (1 - rho) * dx * dx
+
+
+# The factored state (#26), for a 2-D gradient --------------------------------------------
+# Written from the estimator's definition (Shazeer & Stern 2018, eq. of Adafactor's factored
+# second moment) and the factored step documented in scale_by_adadelta_factored: the history
+# of each average is its row means R (over columns) and column means C (over rows), read
+# back per entry as R_i C_j / mean(R); the present g² enters each step exactly.
+
+
+def rank_one(rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+  """Adafactor's estimate of an (n, m) average from its n row means and m column means."""
+  total = rows.mean()
+  if total == 0:
+    return np.zeros((rows.size, cols.size))
+  return np.outer(rows, cols) / total
+
+
+def factored_step(g, g2, dx2, rho: float, eps: float):
+  """One factored step of float64 arrays: (Δx, g2, dx2). Each average is either factored,
+  a (rows, cols) pair of its row and column means, or kept whole, an (n, m) array."""
+  read = lambda a: rank_one(*a) if isinstance(a, tuple) else a
+  store = lambda a, like: (a.mean(axis=1), a.mean(axis=0)) if isinstance(like, tuple) else a
+  e_g2 = rho * read(g2) + (1 - rho) * g * g
+  old_dx2 = read(dx2)
+  dx = np.sqrt(old_dx2 + eps) / np.sqrt(e_g2 + eps) * g
+  e_dx2 = rho * old_dx2 + (1 - rho) * dx * dx
+  return dx, store(e_g2, g2), store(e_dx2, dx2)
+
+
+def factored_zeros(n: int, m: int, factor_e_g2: bool = True, factor_e_dx2: bool = True):
+  """(g2, dx2) of a fresh (n, m) leaf for `factored_step`, each factored or whole."""
+  zeros = lambda factored: (np.zeros(n), np.zeros(m)) if factored else np.zeros((n, m))
+  return zeros(factor_e_g2), zeros(factor_e_dx2)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import PartitionSpec as P
 
 from optax_adadelta import _checks, _rules
 from optax_adadelta.formats import base, low_memory
@@ -45,7 +46,8 @@ class FactoredAdadeltaState(NamedTuple):
     count: int32 number of updates so far.
     e_g2: E[g²], a tree shaped like the parameters: a :class:`FactoredAverage` for each
       factored leaf, an array like the full state's for every other.
-    e_dx2: E[Δx²], the same layout (full arrays everywhere with ``factor_e_dx2=False``).
+    e_dx2: E[Δx²], the same layout. With ``factor_e_g2=False`` (or ``factor_e_dx2=False``)
+      that average is kept as arrays like the full state's everywhere.
   """
 
   count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as optax's states do
@@ -123,6 +125,7 @@ def scale_by_adadelta_factored(
   eps: Any = 1e-6,
   *,
   min_dim_size_to_factor: int | None = None,
+  factor_e_g2: bool = True,
   factor_e_dx2: bool = True,
   accumulator_dtype: Any = None,
   update_rule: _rules.UpdateRule = "default",
@@ -156,15 +159,27 @@ def scale_by_adadelta_factored(
   *What it gives up.* Each entry's history is only its row's and column's: an entry whose
   gradients are far larger or smaller than the product of its row and column scales (a
   sparse feature, a coordinate with its own curvature) gets the rank-1 value of both
-  averages, so its step size is set by its neighbours'. Unfactored leaves lose nothing.
+  averages. For E[Δx²] that costs little; for E[g²] it breaks a balance Adadelta relies on.
+  In Algorithm 1, :math:`E[\Delta x^2]` grows per step by the factor :math:`\rho + (1 -
+  \rho)\, g_t^2 / E[g^2]_t` (ignoring ε), whose mean is 1 once :math:`E[g^2]` tracks
+  :math:`g^2`: the steps' scale is kept, not inflated. With a factored :math:`E[g^2]` an
+  entry whose :math:`g^2` its row and column underestimate grows its :math:`E[\Delta x^2]`
+  step after step, and one they overestimate shrinks it; nothing restores them but the
+  loss's own curvature. On gradients whose spread per entry is not rank-1 and that do not
+  respond to the steps, the factored state's steps grow without bound (measured in
+  ``tests/test_factored.py``), while factoring only :math:`E[\Delta x^2]`
+  (``factor_e_g2=False``) keeps the balance: the mean of :math:`g^2 / E[g^2]` is still 1
+  per entry. Unfactored leaves lose nothing.
 
   Args:
     rho: decay rate of both running averages, in [0, 1].
     eps: added inside both square roots, > 0.
     min_dim_size_to_factor: a leaf is factored when its two largest dimensions are both at
       least this (optax.adafactor's keyword; ``None`` means its default, 128).
-    factor_e_dx2: ``False`` keeps E[Δx²] full (per entry) and factors only E[g²]: half the
-      saving, the steps' own history kept exactly.
+    factor_e_g2: ``False`` keeps E[g²] per entry (in ``accumulator_dtype``) and factors
+      only E[Δx²]: about 4 bytes per parameter, and no drift (see above).
+    factor_e_dx2: ``False`` keeps E[Δx²] per entry and factors only E[g²]. At least one
+      of the two must be factored.
     accumulator_dtype: dtype of the unfactored averages (see
       :func:`~optax_adadelta.scale_by_adadelta`); the factored means are float32 (or wider).
     update_rule: whose order of floating-point operations to follow in the step (see
@@ -178,7 +193,13 @@ def scale_by_adadelta_factored(
     N. Shazeer, M. Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost",
     ICML 2018, arXiv:1804.04235.
   """
+  _checks.check_flag("factor_e_g2", factor_e_g2)
   _checks.check_flag("factor_e_dx2", factor_e_dx2)
+  if not (factor_e_g2 or factor_e_dx2):
+    raise ValueError(
+      "factor_e_g2 and factor_e_dx2 are both False: nothing would be factored; use "
+      "scale_by_adadelta (the full state) instead"
+    )
   options = base.options(
     rho,
     eps,
@@ -187,7 +208,8 @@ def scale_by_adadelta_factored(
     factored=True,
     min_dim_size_to_factor=min_dim_size_to_factor,
   )
-  return FORMAT.build(options, factor_e_dx2=factor_e_dx2)
+  fields = ("e_g2",) * factor_e_g2 + ("e_dx2",) * factor_e_dx2
+  return FORMAT.build(options, fields)
 
 
 def _update_leaf(leaf: low_memory.CodedLeaf, update_leaf: Callable[..., tuple]) -> tuple:
@@ -212,10 +234,10 @@ class FactoredFormat:
     return options.factored
 
   def refuse(self, options: Options) -> None:
-    for keyword, value in (
+    for keyword, value in (  # state_bits=8 turns stochastic_rounding on: named first
+      ("state_bits", options.state_bits),
       ("packed_state", options.packed_state),
       ("stochastic_rounding", options.stochastic_rounding),
-      ("state_bits", options.state_bits),
     ):
       if value:
         raise ValueError(
@@ -230,13 +252,12 @@ class FactoredFormat:
       )
 
   def transformation(self, options: Options) -> optax.GradientTransformation:
-    return self.build(options, factor_e_dx2=True)
+    return self.build(options, ("e_g2", "e_dx2"))
 
-  def build(self, options: Options, *, factor_e_dx2: bool) -> optax.GradientTransformation:
-    """The transformation; `factor_e_dx2=False` keeps E[Δx²] per entry (the hybrid)."""
+  def build(self, options: Options, fields: tuple[str, ...]) -> optax.GradientTransformation:
+    """The transformation factoring the averages named in `fields` ("e_g2", "e_dx2")."""
     self.refuse(options)
     update_leaf = base.leaf_update(options)
-    fields = ("e_g2", "e_dx2") if factor_e_dx2 else ("e_g2",)
 
     def init_factored(p: Any, dtype: Any, field: str) -> FactoredAverage | None:
       axes = factored_axes(tuple(p.shape), options.min_dim_size_to_factor)
@@ -294,7 +315,21 @@ class FactoredFormat:
     )
 
   def zero_shardings(self, state: FactoredAdadeltaState, leaf_sharding: Any) -> Any:
-    return jax.tree.map(leaf_sharding, state)  # rows and columns: arrays like any other
+    """Row and column means split as their parameter is (its split without the averaged
+    axis): their rank-1 estimate is then split like the gradient. Split each on its own,
+    both could take the one mesh axis, and no product of the two can be laid out so."""
+
+    def one(node: Any) -> Any:
+      if not is_factored(node):
+        return leaf_sharding(node)
+      shape = _shape_of(tuple(node.rows.shape), tuple(node.cols.shape), None)
+      d0, d1 = factored_axes(shape, 1)  # type: ignore[misc]
+      whole = leaf_sharding(jax.ShapeDtypeStruct(shape, node.rows.dtype))
+      spec = tuple(whole.spec) + (None,) * (len(shape) - len(whole.spec))
+      without = lambda axis: whole.update(spec=P(*spec[:axis], *spec[axis + 1 :]))
+      return FactoredAverage(without(d1), without(d0))
+
+    return jax.tree.map(one, state, is_leaf=is_factored)
 
 
 def _shape_of(rows: tuple[int, ...], cols: tuple[int, ...], like: Any) -> tuple[int, ...]:
