@@ -3,6 +3,8 @@
     python -m benchmarks.long_horizon                    # 10,000 steps, (4, 256): the tests' run
     python -m benchmarks.long_horizon --long --seeds 0,1,2   # the slow profile's runs
     python -m benchmarks.long_horizon --state-noise  # float32 with noise injected in its averages
+    python -m benchmarks.long_horizon --seeds 0,1,2 --formats float32 8bit factored \
+        factored_hybrid --out benchmarks/results/factored_long_horizon.md   # the factored state
 
 The problem and both runs are tests/long_horizon.py's (the one tests/test_long_horizon.py
 asserts on): a noisy quadratic with curvature over three decades, beside two 8-bit blocks
@@ -11,20 +13,52 @@ of the quadratic over the last 1,000 steps, and their ratios to float64's; the r
 the mixed blocks' coordinates of |Δx| (√ of the mean Δx² over the last 1,000 steps) as a
 ratio to float64's. Then float64's own spread over 6 other noise draws, the yardstick for
 the narrow formats. Writes benchmarks/results/long_horizon.md (--out to change).
+
+Beside the tests' formats: ``factored`` (``factored=True``, ``min_dim_size_to_factor=4``, so
+the quadratic's (rows, 256) leaf is factored and the (2, 256) mixed blocks are not) and
+``factored_hybrid`` (the same with E[Δx²] per entry: ``scale_by_adadelta_factored(...,
+factor_e_dx2=False)``) and ``factored_dx2_only`` (E[g²] per entry, ``factor_e_g2=False``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import os
 import platform
 import time
+import types
 from pathlib import Path
+from unittest import mock
 
 import jax
 import numpy as np
 
+from benchmarks import low_memory
 from tests import long_horizon as lh
+
+FACTORED_FORMATS = {  # name -> low_memory.make_adadelta keywords
+  "factored": {"factored": True, "min_dim_size_to_factor": 4},
+  "factored_hybrid": {"factored": True, "factor_e_dx2": False, "min_dim_size_to_factor": 4},
+  "factored_dx2_only": {"factored": True, "factor_e_g2": False, "min_dim_size_to_factor": 4},
+}
+
+
+@contextlib.contextmanager
+def _factored_formats():
+  """lh.run_format with the factored formats too. It builds its optimizer as
+  ``optax_adadelta.adadelta(1.0, rho, eps, **FORMATS[fmt])``, and the hybrid is no keyword of
+  ``adadelta``, so for this run that call goes through low_memory.make_adadelta (which is
+  ``adadelta`` itself for every other format)."""
+  package = types.SimpleNamespace(
+    adadelta=lambda lr, rho, eps, **keywords: low_memory.make_adadelta(rho, eps, keywords, lr)
+  )
+  with (
+    mock.patch.dict(lh.FORMATS, FACTORED_FORMATS),
+    mock.patch.object(lh, "optax_adadelta", package),
+  ):
+    yield
 
 
 def _spread(problem: lh.Problem, rho: float, eps: float, draws: int = 6) -> tuple[float, float]:
@@ -107,6 +141,13 @@ def main() -> None:
   parser.add_argument("--seeds", default="0", help="problem seeds, comma separated")
   parser.add_argument("--out", default="benchmarks/results/long_horizon.md")
   parser.add_argument(
+    "--formats",
+    nargs="+",
+    default=list(lh.FORMATS),
+    choices=[*lh.FORMATS, *FACTORED_FORMATS],
+    help="state formats to run beside float64",
+  )
+  parser.add_argument(
     "--state-noise",
     action="store_true",
     help="instead: float32 Adadelta with unbiased noise injected into its averages",
@@ -116,37 +157,30 @@ def main() -> None:
     state_noise(lh.make_problem(), "benchmarks/results/long_horizon_state_noise.md")
     return
   size = {"num_steps": 20_000, "rows": 8} if args.long else {"num_steps": 10_000, "rows": 4}
+  every = args.formats == list(lh.FORMATS)
+  command = (
+    f"python -m benchmarks.long_horizon{' --long' if args.long else ''} --seeds {args.seeds}"
+  )
+  if not every:
+    command += " --formats " + " ".join(args.formats)
   lines = [
-    "# Long runs: every state format against float64 (#22)",
+    "# Long runs: every state format against float64 (#22)"
+    if every
+    else f"# Long runs: {', '.join(args.formats)} against float64",
     "",
-    f"`python -m benchmarks.long_horizon{' --long' if args.long else ''} --seeds {args.seeds}`; "
+    f"`{command}`; "
     f"{size['num_steps']:,} steps, quadratic ({size['rows']}, 256); jax {jax.__version__}, "
-    f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+    f"{platform.machine()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+    f"commit {low_memory.git_commit()}, load average {os.getloadavg()[0]:.1f} at the start.",
     "",
     "| seed | ρ, ε | format | final loss | × float64 | largest step | × float64 "
     "| mixed-block \\|Δx\\| / float64 | finite |",
     "|---|---|---|---|---|---|---|---|---|",
   ]
-  spreads = []
-  for seed in (int(s) for s in args.seeds.split(",")):
-    problem = lh.make_problem(seed=seed, **size)
-    for rho, eps in lh.HYPERS:
-      want = lh.run_float64(problem, rho, eps)
-      head = f"| {seed} | {rho}, {eps:g} |"
-      lines.append(
-        f"{head} float64 | {want.final_loss:.4g} | 1 | {want.largest_step:.4g} | 1 | 1 | yes |"
-      )
-      for fmt in lh.FORMATS:
-        got = lh.run_format(problem, rho, eps, fmt)
-        ratio = got.mixed_step_rms / want.mixed_step_rms
-        lines.append(
-          f"{head} {fmt} | {got.final_loss:.4g} | {got.final_loss / want.final_loss:.3g} "
-          f"| {got.largest_step:.4g} | {got.largest_step / want.largest_step:.3g} "
-          f"| {np.nanmin(ratio):.3g} – {np.nanmax(ratio):.3g} | {'yes' if got.finite else 'NO'} |"
-        )
-        print(lines[-1], flush=True)
-      if seed == int(args.seeds.split(",")[0]):
-        spreads.append((rho, eps, *_spread(problem, rho, eps)))
+  spreads, ratios = [], {}  # ratios: (rho, eps, fmt) -> [(loss ×, largest step ×) per seed]
+  with _factored_formats():
+    _run_table(args, size, lines, spreads, ratios)
+  lines += ["", *_ratio_summary(args.formats, ratios)]
   lines += [
     "",
     "float64's own spread over 6 other noise draws (same curvature and target), max / min:",
@@ -158,6 +192,51 @@ def main() -> None:
   Path(args.out).write_text("\n".join(lines) + "\n")
   print("\n".join(lines[-len(spreads) - 5 :]))
   print(f"wrote {args.out}")
+
+
+def _run_table(args, size, lines, spreads, ratios) -> None:
+  for seed in (int(s) for s in args.seeds.split(",")):
+    problem = lh.make_problem(seed=seed, **size)
+    for rho, eps in lh.HYPERS:
+      want = lh.run_float64(problem, rho, eps)
+      head = f"| {seed} | {rho}, {eps:g} |"
+      lines.append(
+        f"{head} float64 | {want.final_loss:.4g} | 1 | {want.largest_step:.4g} | 1 | 1 | yes |"
+      )
+      for fmt in args.formats:
+        start = time.perf_counter()
+        got = lh.run_format(problem, rho, eps, fmt)
+        seconds = time.perf_counter() - start
+        ratio = got.mixed_step_rms / want.mixed_step_rms
+        ratios.setdefault((rho, eps, fmt), []).append(
+          (got.final_loss / want.final_loss, got.largest_step / want.largest_step)
+        )
+        lines.append(
+          f"{head} {fmt} | {got.final_loss:.4g} | {got.final_loss / want.final_loss:.3g} "
+          f"| {got.largest_step:.4g} | {got.largest_step / want.largest_step:.3g} "
+          f"| {np.nanmin(ratio):.3g} – {np.nanmax(ratio):.3g} | {'yes' if got.finite else 'NO'} |"
+        )
+        print(lines[-1], f"({seconds:.1f} s)", flush=True)
+      if seed == int(args.seeds.split(",")[0]):
+        spreads.append((rho, eps, *_spread(problem, rho, eps)))
+
+
+def _ratio_summary(formats, ratios) -> list[str]:
+  """Mean ± sd over the seeds of each format's final loss and largest step × float64's."""
+  mean_sd = lambda v: f"{np.mean(v):.3g} ± {np.std(v, ddof=1) if len(v) > 1 else np.nan:.2g}"
+  lines = [
+    "Mean ± sd over the seeds of final loss × float64 / largest step × float64:",
+    "",
+    "| ρ, ε | " + " | ".join(formats) + " |",
+    "|---|" + "---|" * len(formats),
+  ]
+  for rho, eps in lh.HYPERS:
+    cells = []
+    for fmt in formats:
+      loss, step = np.array(ratios[rho, eps, fmt]).T
+      cells.append(f"{mean_sd(loss)} / {mean_sd(step)}")
+    lines.append(f"| {rho}, {eps:g} | " + " | ".join(cells) + " |")
+  return lines
 
 
 if __name__ == "__main__":

@@ -5,11 +5,18 @@
     python -m benchmarks.low_memory accuracy --smoke  # seconds: a few steps of each task
     python -m benchmarks.low_memory accuracy          # 3 seeds x 4 state formats x 6 tasks
     python -m benchmarks.low_memory figure1 --out benchmarks/results  # 50 epochs, 3 seeds
+    python -m benchmarks.low_memory accuracy --tasks l1-matrix --formats float32 factored \
+        "factored hybrid"                            # the factored state where it factors
 
 Formats: the float32 state (the default, the native CPU kernel where it applies, and the
 pure-JAX path), bfloat16 rounded to nearest (``accumulator_dtype=jnp.bfloat16``), bfloat16
-rounded stochastically, and 8-bit codes (``state_bits=8``: the native CPU kernel, and the
-pure-JAX path). Bytes per parameter are counted
+rounded stochastically, 8-bit codes (``state_bits=8``: the native CPU kernel, and the
+pure-JAX path), the factored state (``factored=True``: a matrix's two averages kept as row and
+column means) and two hybrids, one average factored and the other per entry in float32:
+"factored hybrid" (E[g²] factored) and "factored dx2-only" (E[Δx²] factored). The factored
+formats factor leaves whose two largest dimensions are at least ``min_dim_size_to_factor``
+(128, or ``--min-dim-size-to-factor``); the vector tasks' ``-matrix`` variants hold the same
+4,096 weights as a 64×64 matrix factored at 64. Bytes per parameter are counted
 from the state's arrays. Step time: medians of interleaved single steps (as step.py), ratios
 against the float32 state and against ``optax.adadelta``. Accuracy: mean ± sd over seeds.
 Prints markdown tables; ``--out`` also writes them and the raw numbers as JSON.
@@ -22,6 +29,7 @@ import gc
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 import time
 import warnings
@@ -45,8 +53,34 @@ FORMATS = {
   "bfloat16 + SR": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
   "8-bit": {"state_bits": 8},
   "8-bit (pure JAX)": {"state_bits": 8, "implementation": "jax"},
+  "factored": {"factored": True},
+  "factored hybrid": {"factored": True, "factor_e_dx2": False},
+  "factored dx2-only": {"factored": True, "factor_e_g2": False},
 }
-ACCURACY_FORMATS = ["float32", "bfloat16", "bfloat16 + SR", "8-bit"]
+ACCURACY_FORMATS = ["float32", "bfloat16", "bfloat16 + SR", "8-bit"]  # the default run's
+ACCURACY_CHOICES = [*ACCURACY_FORMATS, "factored", "factored hybrid", "factored dx2-only"]
+
+
+def make_adadelta(rho, eps, keywords, learning_rate=1.0) -> optax.GradientTransformation:
+  """``optax_adadelta.adadelta(learning_rate, rho, eps, **keywords)``, for any FORMATS value.
+
+  ``factor_e_dx2`` and ``factor_e_g2`` (False: one average factored, the other per entry in
+  float32) are keywords of ``scale_by_adadelta_factored`` only, so those formats are chained
+  here as ``adadelta`` chains the others: the scaling, then −η.
+  """
+  keywords = dict(keywords)
+  if "factor_e_dx2" not in keywords and "factor_e_g2" not in keywords:
+    return optax_adadelta.adadelta(learning_rate, rho, eps, **keywords)
+  del keywords["factored"]
+  scaling = optax_adadelta.scale_by_adadelta_factored(rho, eps, **keywords)
+  return optax.chain(scaling, optax.scale(-learning_rate))
+
+
+def _factored_at(keywords, min_dim_size_to_factor):
+  """A factored format's keywords with this task's factoring size unless one was given."""
+  if not keywords.get("factored"):
+    return keywords
+  return {"min_dim_size_to_factor": min_dim_size_to_factor, **keywords}
 
 
 def state_bytes_per_parameter(tx, params) -> float:
@@ -69,7 +103,7 @@ def speed(args) -> dict:
     grads = {k: jnp.asarray(rng.standard_normal(s, np.float32)) for k, s in shapes.items()}
     contenders, bytes_per = [], {}
     for name, keywords in FORMATS.items():
-      tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **keywords)
+      tx = make_adadelta(0.95, 1e-6, keywords)
       contenders.append(_contenders.JaxContender(name, tx, params, grads))
       bytes_per[name] = state_bytes_per_parameter(tx, params)
     baseline = optax.adadelta(learning_rate=1.0, rho=0.95, eps=1e-6)
@@ -145,7 +179,7 @@ def _mnist_task(rho, eps, epochs, smoke):
   num_train = 2000 if smoke else len(x_train)
 
   def run(keywords, seed):
-    tx = optax_adadelta.adadelta(1.0, rho, eps, **keywords)
+    tx = make_adadelta(rho, eps, keywords)
     key = jax.random.PRNGKey(seed)
     params = mlp.init(key, mlp.layer_sizes(x_train.shape[1]))
     state = tx.init(params)
@@ -166,7 +200,9 @@ def _airfoil_task(smoke):
   loss = lambda p, x, y: jnp.mean((x @ p["w"][:, 0] + p["b"][0] - y) ** 2) / 2
 
   def run(keywords, seed):
-    tx = optax_adadelta.adadelta(1.0, 0.9, 1e-5, **keywords)
+    # A (5, 1) and a (1,) leaf: a factored format keeps them per entry unless
+    # --min-dim-size-to-factor 1, and then its rank-1 fit of one column is the column itself.
+    tx = make_adadelta(0.9, 1e-5, keywords)
     key = jax.random.PRNGKey(seed)
     params = {"w": 0.01 * jax.random.normal(key, (5, 1)), "b": jnp.zeros(1)}
     state = tx.init(params)
@@ -189,22 +225,25 @@ def _airfoil_task(smoke):
   return "d2l airfoil, ρ=0.9, ε=1e-5, 2 epochs of batch 10: training loss", run
 
 
-def _slow_regression_task(smoke):
+def _slow_regression_task(smoke, matrix=False):
   """Least squares in 4,096 dimensions whose feature scales span 3 decades: the small-scale
-  coordinates converge over thousands of steps, where a stalled average shows."""
+  coordinates converge over thousands of steps, where a stalled average shows. ``matrix``:
+  the same weights held as a 64×64 matrix factored at 64 (the loss is unchanged); its
+  per-coordinate scales are random, far from the rank-1 the factored state assumes."""
   dim, num, batch_size, num_steps = 4096, 8192, 256, 100 if smoke else 4000
+  shape = (64, 64) if matrix else (dim,)
   rng = np.random.default_rng(123)
   scales = np.exp(rng.uniform(np.log(1e-3), 0.0, dim)).astype(np.float32)
   x = (rng.standard_normal((num, dim)) * scales).astype(np.float32)
   w_true = rng.standard_normal(dim).astype(np.float32)
   y = x @ w_true + 0.01 * rng.standard_normal(num).astype(np.float32)
   x, y = jnp.asarray(x), jnp.asarray(y)
-  loss = lambda w, xb, yb: jnp.mean((xb @ w - yb) ** 2) / 2
+  loss = lambda w, xb, yb: jnp.mean((xb @ w.reshape(dim) - yb) ** 2) / 2
 
   def run(keywords, seed):
-    tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **keywords)
+    tx = make_adadelta(0.95, 1e-6, _factored_at(keywords, 64) if matrix else keywords)
     key = jax.random.PRNGKey(seed)
-    w = jnp.zeros(dim)
+    w = jnp.zeros(shape)
     state = tx.init(w)
 
     @jax.jit
@@ -220,22 +259,26 @@ def _slow_regression_task(smoke):
     w, _ = steps(w, state)
     return float(loss(w, x, y))
 
-  return f"slow regression (4,096 weights, {num_steps} steps of batch 256): training loss", run
+  weights = "64×64 weights (the 4,096, reshaped)" if matrix else "4,096 weights"
+  return f"slow regression ({weights}, {num_steps} steps of batch 256): training loss", run
 
 
-def _separable_l1_task(num_steps, smoke):
+def _separable_l1_task(num_steps, smoke, matrix=False):
   """Σ aᵢ|wᵢ − cᵢ| from w = 0, aᵢ log-uniform in [0.01, 1]: each gradient is ±aᵢ until wᵢ
   reaches cᵢ, the constant-gradient regime where a bfloat16 average rounded to nearest
-  stalls (E[Δx²] stops growing once its increments fall under half an ulp)."""
+  stalls (E[Δx²] stops growing once its increments fall under half an ulp). ``matrix``: w,
+  a and c held as 64×64 matrices factored at 64 (the loss is unchanged); E[g²] = aᵢ² is
+  then an i.i.d. log-uniform matrix, not rank 1."""
   dim = 4096
+  shape = (64, 64) if matrix else (dim,)
   num_steps = min(num_steps, 50) if smoke else num_steps
 
   def run(keywords, seed):
     rng = np.random.default_rng(seed)
-    a = jnp.asarray(np.exp(rng.uniform(np.log(1e-2), 0, dim)).astype(np.float32))
-    c = jnp.asarray(rng.standard_normal(dim).astype(np.float32))
+    a = jnp.asarray(np.exp(rng.uniform(np.log(1e-2), 0, dim)).astype(np.float32).reshape(shape))
+    c = jnp.asarray(rng.standard_normal(dim).astype(np.float32).reshape(shape))
     loss = lambda w: jnp.sum(a * jnp.abs(w - c))
-    tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **keywords)
+    tx = make_adadelta(0.95, 1e-6, _factored_at(keywords, 64) if matrix else keywords)
 
     @jax.jit
     def steps(w, state):
@@ -246,11 +289,41 @@ def _separable_l1_task(num_steps, smoke):
 
       return jax.lax.scan(step, (w, state), None, length=num_steps)[0]
 
-    w = jnp.zeros(dim)
+    w = jnp.zeros(shape)
     w, _ = steps(w, tx.init(w))
     return float(loss(w))
 
-  return f"separable L1, 4,096 weights, constant-magnitude gradients, {num_steps} steps: loss", run
+  weights = "64×64 weights (the 4,096, reshaped)" if matrix else "4,096 weights"
+  return f"separable L1, {weights}, constant-magnitude gradients, {num_steps} steps: loss", run
+
+
+def _keywords(args, fmt) -> dict:
+  """FORMATS[fmt], with --min-dim-size-to-factor where the format is factored."""
+  keywords = FORMATS[fmt]
+  if keywords.get("factored") and args.min_dim_size_to_factor is not None:
+    keywords = {**keywords, "min_dim_size_to_factor": args.min_dim_size_to_factor}
+  return keywords
+
+
+def git_commit() -> str:
+  """The checkout's commit, for the record of a run ("unknown" outside git)."""
+  try:
+    return subprocess.run(
+      ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+  except (OSError, subprocess.CalledProcessError):
+    return "unknown"
+
+
+def _run_record(args) -> dict:
+  """How and where a run was made, written beside its numbers."""
+  return {
+    "command": "python -m benchmarks.low_memory " + " ".join(args.argv),
+    "commit": git_commit(),
+    "jax": jax.__version__,
+    "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+    "load_average_at_start": os.getloadavg(),
+  }
 
 
 def accuracy(args) -> dict:
@@ -260,22 +333,30 @@ def accuracy(args) -> dict:
       tasks += [_mnist_task(rho, eps, 6, args.smoke) for rho, eps in args.cells]
     elif name == "airfoil":
       tasks.append(_airfoil_task(args.smoke))
-    elif name == "regression":
-      tasks.append(_slow_regression_task(args.smoke))
-    elif name == "l1":
-      tasks += [_separable_l1_task(n, args.smoke) for n in (300, 3000)]
-  results = {}
+    elif name in ("regression", "regression-matrix"):
+      tasks.append(_slow_regression_task(args.smoke, matrix=name.endswith("matrix")))
+    elif name in ("l1", "l1-matrix"):
+      tasks += [_separable_l1_task(n, args.smoke, name.endswith("matrix")) for n in (300, 3000)]
+  results: dict = {**_run_record(args), "results": {}, "seconds_per_run": {}}
   for title, run in tasks:
-    results[title] = {}
+    results["results"][title], results["seconds_per_run"][title] = {}, {}
     for fmt in args.formats:
       seeds = range(args.first_seed, args.first_seed + args.seeds)
-      values = [run(FORMATS[fmt], seed) for seed in seeds]
-      results[title][fmt] = values
-      print(f"{title} | {fmt}: {_mean_sd(values)}  {values}", file=sys.stderr, flush=True)
-    print(_accuracy_table(title, results[title]), flush=True)
+      start = time.perf_counter()
+      values = [run(_keywords(args, fmt), seed) for seed in seeds]
+      seconds = (time.perf_counter() - start) / len(seeds)
+      results["results"][title][fmt] = values
+      results["seconds_per_run"][title][fmt] = round(seconds, 1)
+      print(
+        f"{title} | {fmt}: {_mean_sd(values)}  {values}  ({seconds:.0f} s per run)",
+        file=sys.stderr,
+        flush=True,
+      )
+    print(_accuracy_table(title, results["results"][title]), flush=True)
+    results["load_average_now"] = os.getloadavg()
     if args.out is not None:  # after every task, so a long run keeps what it finished
       args.out.mkdir(parents=True, exist_ok=True)
-      (args.out / "low_memory_accuracy.json").write_text(json.dumps(results, indent=1))
+      (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
   return results
 
 
@@ -305,7 +386,7 @@ def figure1(args) -> dict:
   order = jax.jit(jax.vmap(lambda k, e: lib.epoch_batches(k, e, len(x_train)), in_axes=(0, None)))
   runs = {}
   for fmt in args.formats:
-    tx = optax_adadelta.adadelta(1.0, 0.95, 1e-6, **FORMATS[fmt])
+    tx = make_adadelta(0.95, 1e-6, _keywords(args, fmt))
 
     def init_one(key, tx=tx):
       params = lib.init_params(jax.random.fold_in(key, 0), setup.init)
@@ -324,11 +405,11 @@ def figure1(args) -> dict:
     runs[fmt] = [*jax.vmap(init_one)(keys), jax.jit(epoch_fn, donate_argnums=(0, 1))]
   epochs = 1 if args.smoke else args.epochs
   results: dict = {
+    **_run_record(args),
     "task": "MNIST 784-500-300-10, setup C (tanh, N(0, 0.01^2), unit, mean), rho 0.95, "
     "eps 1e-6, batch 100: test error % after each epoch",
     "seeds": seeds,
     "epochs_planned": epochs,
-    "load_average_at_start": os.getloadavg(),
     "errors": {fmt: [] for fmt in runs},
     "seconds": {fmt: 0.0 for fmt in runs},
   }
@@ -346,7 +427,7 @@ def figure1(args) -> dict:
     print(f"epoch {epoch + 1}: {last}", file=sys.stderr, flush=True)
     if args.out is not None:
       args.out.mkdir(parents=True, exist_ok=True)
-      (args.out / "low_memory_figure1.json").write_text(json.dumps(results, indent=1))
+      (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
   print(_figure1_table(results), flush=True)
   return results
 
@@ -386,7 +467,7 @@ def main(argv=None) -> None:
     "--tasks",
     nargs="+",
     default=["l1", "regression", "airfoil", "mnist"],
-    choices=["l1", "regression", "airfoil", "mnist"],
+    choices=["l1", "regression", "airfoil", "mnist", "l1-matrix", "regression-matrix"],
   )
   parser.add_argument("--seeds", type=int, default=None, help="how many seeds")
   parser.add_argument("--first-seed", type=int, default=0, help="accuracy: seeds from this")
@@ -394,8 +475,14 @@ def main(argv=None) -> None:
     "--formats",
     nargs="+",
     default=ACCURACY_FORMATS,
-    choices=ACCURACY_FORMATS,
+    choices=ACCURACY_CHOICES,
     help="accuracy, figure1",
+  )
+  parser.add_argument(
+    "--min-dim-size-to-factor",
+    type=int,
+    default=None,
+    help="accuracy, figure1: the factored formats' min_dim_size_to_factor on every task",
   )
   parser.add_argument(
     "--cells",
@@ -407,8 +494,11 @@ def main(argv=None) -> None:
   parser.add_argument(
     "--shrink-b", type=int, default=1, help="divide case (b)'s d_model by this (memory)"
   )
-  parser.add_argument("--out", type=Path, default=None, help="write <what>.json and .md here")
+  parser.add_argument("--out", type=Path, default=None, help="write <name>.json here")
+  parser.add_argument("--name", default=None, help="the JSON's name (default low_memory_<what>)")
   args = parser.parse_args(argv)
+  args.argv = sys.argv[1:] if argv is None else list(argv)
+  args.name = args.name or f"low_memory_{args.what}"
   args.repeats = args.repeats or (3 if args.smoke else 15)
   if args.smoke and args.what == "speed" and args.cases == ["a", "b", "c"]:
     args.cases = ["a", "b"]  # (c)'s 1,000 leaves take minutes to compile six times
@@ -423,7 +513,7 @@ def main(argv=None) -> None:
   results = speed(args) if args.what == "speed" else accuracy(args)
   if args.out is not None:
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"low_memory_{args.what}.json").write_text(json.dumps(results, indent=1))
+    (args.out / f"{args.name}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
