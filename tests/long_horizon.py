@@ -22,17 +22,34 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import optax_adadelta
 from tests import reference
 
-FORMATS = {  # name -> adadelta keywords: every state format users can pick
+FORMATS = {  # name -> adadelta keywords, or (rho, eps) -> optimizer: every state format
   "float32": {},
   "float32_jax": {"implementation": "jax"},
   "bf16_sr": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
   "8bit": {"state_bits": 8, "min_8bit_size": 0},
   "packed": {"packed_state": True},
+  # Factored at 2: the quadratic's (4, 256) leaf and the (2, 256) mixed blocks.
+  "factored": {"factored": True, "min_dim_size_to_factor": 2},
+  "factored_dx2": lambda rho, eps: optax.chain(
+    optax_adadelta.scale_by_adadelta_factored(
+      rho, eps, min_dim_size_to_factor=2, factor_e_g2=False
+    ),
+    optax.scale(-1.0),
+  ),
 }
+
+
+def optimizer(fmt: str, rho: float, eps: float) -> optax.GradientTransformation:
+  """The format's optimizer at learning rate 1."""
+  spec = FORMATS[fmt]
+  return spec(rho, eps) if callable(spec) else optax_adadelta.adadelta(1.0, rho, eps, **spec)
+
+
 HYPERS = [(0.9, 1e-6), (0.95, 1e-6), (0.99, 1e-8)]
 NOISE = 0.01
 TAIL = 1000  # the steps over which the largest step and each coordinate's |Δx| are taken
@@ -76,8 +93,8 @@ def _loss(curvature, target, x):
 
 
 def run_format(problem: Problem, rho: float, eps: float, fmt: str) -> Outcome:
-  """`optax_adadelta.adadelta(1.0, rho, eps, **FORMATS[fmt])`, every step in one scan."""
-  tx = optax_adadelta.adadelta(1.0, rho, eps, **FORMATS[fmt])
+  """The format's `optimizer`, every step in one scan."""
+  tx = optimizer(fmt, rho, eps)
   curvature, target = jnp.asarray(problem.curvature), jnp.asarray(problem.target)
   magnitude = jnp.asarray(problem.mixed_magnitude)
   tail_start = problem.num_steps - TAIL

@@ -27,6 +27,16 @@ with R coded, worst 2.2 %). Where g² is
 not on the grid, E[g²]'s own rounding noise also enters E[Δx²]'s growth, a random walk whose
 variance grows with the steps: past 10,000 steps the bound grows as √(steps / 10,000).
 
+The factored states (#26) are other algorithms, not roundings of this one, so they are held
+to what a user needs of them, no worse than float64: loss at most ×1.25 and largest step at
+most ×1.6 (the narrow states' bounds, one-sided), and in the mixed blocks no coordinate's
+|Δx| over ×2.5 float64's. With E[Δx²] factored alone (``factored_dx2``) they hold (measured,
+seed 0: loss ×0.72–1.01, largest step ×0.50–1.11, mixed |Δx| ×0.055–1.42). With both
+averages factored (``factored``, what ``adadelta(factored=True)`` does) they do not: a rank-1
+E[g²] cannot hold curvature spread over three decades per coordinate, nor a row of
+gradients spanning 10⁵×, and E[Δx²] then grows without bound (loss ×10⁹–10¹¹, the mixed
+blocks overflow): known failures, docs/guides/factored.md.
+
 Long profile (`--run-slow`): twice the steps, a 2× larger quadratic, three seeds (the noise
 is drawn in advance: 20,000 × 2,048 float32, 160 MB).
 """
@@ -41,8 +51,10 @@ import pytest
 from tests import long_horizon as lh
 
 FLOAT_FORMATS = {"float32", "float32_jax", "packed"}
-LOSS_FACTOR = {"bf16_sr": 1.25, "8bit": 1.25} | dict.fromkeys(FLOAT_FORMATS, 1.05)
-STEP_FACTOR = {"bf16_sr": 1.6, "8bit": 1.6} | dict.fromkeys(FLOAT_FORMATS, 1.05)
+FACTORED_FORMATS = {"factored", "factored_dx2"}  # held to "no worse", one-sided
+NARROW_AND_FACTORED = {"bf16_sr", "8bit", *FACTORED_FORMATS}
+LOSS_FACTOR = dict.fromkeys(NARROW_AND_FACTORED, 1.25) | dict.fromkeys(FLOAT_FORMATS, 1.05)
+STEP_FACTOR = dict.fromkeys(NARROW_AND_FACTORED, 1.6) | dict.fromkeys(FLOAT_FORMATS, 1.05)
 RELATIVE_SPACING = {"bf16_sr": 2.0**-7, "8bit": 2.0 ** (24 / 254) - 1}
 
 EIGHT_BIT_EDGE = (
@@ -59,9 +71,21 @@ EIGHT_BIT_FLOOR = (
 # What the 8-bit state does promise in a mixed block: no step much longer than float64's (before
 # #22 a coordinate under the floor grew x10^8 in 3,000 steps); see test_8bit_mixed_block_*.
 EIGHT_BIT_LONGEST = 2.5
+FACTORED_E_G2 = (
+  "#26, a limit of a rank-1 E[g2]: curvature over three decades per coordinate (and a row of "
+  "gradients over 10^5x) is not rank-1; the coordinates whose g^2 it underestimates grow their "
+  "E[dx2] without bound (docs/guides/factored.md)"
+)
+FACTORED_E_DX2 = (
+  "#26 by design: a factored E[dx2] gives each coordinate of a mixed block its row's and "
+  "column's history, so its |dx| is not float64's (x0.055-1.42; never over x2.5, tested below)"
+)
 KNOWN = {  # (test, format, (rho, eps)) -> reason
   **{("quadratic", "8bit", h): EIGHT_BIT_EDGE for h in lh.HYPERS},
   **{("mixed", "8bit", h): EIGHT_BIT_FLOOR for h in lh.HYPERS},
+  **{(test, "factored", h): FACTORED_E_G2 for test in ("finite", "quadratic") for h in lh.HYPERS},
+  **{("mixed", "factored", h): FACTORED_E_G2 for h in lh.HYPERS},
+  **{("mixed", "factored_dx2", h): FACTORED_E_DX2 for h in lh.HYPERS},
 }
 PROFILES = {"default": {"num_steps": 10_000, "rows": 4}, "long": {"num_steps": 20_000, "rows": 8}}
 SEEDS = {"default": (0,), "long": (0, 1, 2)}
@@ -107,8 +131,12 @@ def test_final_loss_and_largest_step_are_within_a_factor_of_float64s(profile, se
   loss_ratio = got.final_loss / want.final_loss
   step_ratio = got.largest_step / want.largest_step
   print(f"loss x{loss_ratio:.3f}, largest step x{step_ratio:.3f}")
-  assert 1 / LOSS_FACTOR[fmt] <= loss_ratio <= LOSS_FACTOR[fmt], (got.final_loss, want.final_loss)
-  assert 1 / STEP_FACTOR[fmt] <= step_ratio <= STEP_FACTOR[fmt], (
+  low = 0.0 if fmt in FACTORED_FORMATS else 1.0  # a factored state may do better
+  assert low / LOSS_FACTOR[fmt] <= loss_ratio <= LOSS_FACTOR[fmt], (
+    got.final_loss,
+    want.final_loss,
+  )
+  assert low / STEP_FACTOR[fmt] <= step_ratio <= STEP_FACTOR[fmt], (
     got.largest_step,
     want.largest_step,
   )
@@ -118,6 +146,8 @@ def mixed_tolerance(fmt: str, num_steps: int) -> float:
   """The largest |ratio − 1| allowed for a coordinate's |Δx| (the module's docstring)."""
   if fmt in FLOAT_FORMATS:
     return 2 * num_steps * 2.0**-24
+  if fmt in FACTORED_FORMATS:  # not a rounding: a known failure, see KNOWN
+    return 0.05
   return 5 * 0.5 * np.sqrt(RELATIVE_SPACING[fmt] / 2) * np.sqrt(max(1.0, num_steps / 10_000))
 
 
@@ -132,6 +162,16 @@ def test_every_coordinate_of_a_mixed_block_steps_as_in_float64(profile, seed, hy
     f"coordinate {worst} (|g| = {_problem(profile, seed).mixed_magnitude[worst]:.3g}): "
     f"|dx| {got.mixed_step_rms[worst]:.4g} against float64's {want.mixed_step_rms[worst]:.4g}"
   )
+
+
+@pytest.mark.parametrize("hyper", lh.HYPERS, ids=lambda h: f"rho{h[0]}-eps{h[1]:g}")
+def test_factored_dx2_mixed_block_never_steps_much_longer_than_float64(hyper):
+  """E[Δx²] factored alone, in blocks of gradients spanning 10⁵×: measured ×0.055–1.42."""
+  got, want = _run("default", 0, hyper, "factored_dx2"), _float64("default", 0, hyper)
+  ratio = got.mixed_step_rms / want.mixed_step_rms
+  print(f"|dx| ratio in [{ratio.min():.3f}, {ratio.max():.3f}]")
+  assert np.all(np.isfinite(ratio)) and np.all(ratio > 0)
+  assert ratio.max() <= EIGHT_BIT_LONGEST, np.unravel_index(np.argmax(ratio), ratio.shape)
 
 
 @pytest.mark.parametrize("hyper", lh.HYPERS, ids=lambda h: f"rho{h[0]}-eps{h[1]:g}")
