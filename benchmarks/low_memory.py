@@ -29,6 +29,7 @@ import gc
 import importlib.util
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -318,7 +319,7 @@ def git_commit() -> str:
 def _run_record(args) -> dict:
   """How and where a run was made, written beside its numbers."""
   return {
-    "command": "python -m benchmarks.low_memory " + " ".join(args.argv),
+    "command": "python -m benchmarks.low_memory " + shlex.join(args.argv),
     "commit": git_commit(),
     "jax": jax.__version__,
     "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
