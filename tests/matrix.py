@@ -6,9 +6,11 @@ Every context is a pair of functions of a state format's keywords:
   trains through the context (nnx.Optimizer, pmap, a checkpoint in the middle, ...) and
   returns the parameters' displacement, a list of float64 arrays (one per run when the
   context trains several, e.g. under vmap).
-``plain()``
-  the same numbers without the context, with the float32 per-leaf state: a jitted loop of
+``plain(fmt)``
+  the same numbers without the context, with the same format: a jitted loop of
   ``tx.update`` whose pre-processing (clipping, decay, averaging) is written out in jnp.
+  The tests compare the float32 and factored cells with it (the factored state is another
+  algorithm, not a rounding of float32's), the other formats with float32's run.
 
 The loss is ½ Σ (p − yₜ)² with a random target yₜ per step, so every gradient is p − yₜ.
 """
@@ -36,6 +38,8 @@ FORMATS: dict[str, dict[str, Any]] = {  # the state formats, as users choose the
   "bf16_sr": {"accumulator_dtype": jnp.bfloat16, "stochastic_rounding": True},
   "8bit": {"state_bits": 8, "min_8bit_size": 0},
   "packed": {"packed_state": True},
+  # min_dim_size_to_factor=4: w (4 × 256) keeps row and column means, b (8,) full averages
+  "factored": {"factored": True, "min_dim_size_to_factor": 4},
 }
 RHO, EPS = 0.9, 1e-6
 NUM_STEPS = 6
@@ -86,8 +90,8 @@ def _loop(tx, ys, grad_of=None, params=None, state=None):
   return params, state
 
 
-def _plain_loop(grad_of=None, ys=None, **hyper):
-  return displacement(_loop(adadelta({}, **hyper), targets() if ys is None else ys, grad_of)[0])
+def _plain_loop(fmt, grad_of=None, ys=None, **hyper):
+  return displacement(_loop(adadelta(fmt, **hyper), targets() if ys is None else ys, grad_of)[0])
 
 
 # The contexts -----------------------------------------------------------------------------
@@ -158,20 +162,20 @@ def inject_run(fmt):
   return displacement(params)
 
 
-def inject_plain():
+def inject_plain(fmt):
   ys = targets()
-  params, state = _loop(adadelta({}), ys[:3])
-  return displacement(_loop(adadelta({}, rho=0.8), ys[3:], params=params, state=state)[0])
+  params, state = _loop(adadelta(fmt), ys[:3])
+  return displacement(_loop(adadelta(fmt, rho=0.8), ys[3:], params=params, state=state)[0])
 
 
 def multisteps_run(fmt):
   return displacement(_loop(optax.MultiSteps(adadelta(fmt), every_k_schedule=2), targets())[0])
 
 
-def multisteps_plain():
+def multisteps_plain(fmt):
   ys = targets()  # the parameters stay put within a pair, so the mean gradient is p − mean(y)
   means = [jax.tree.map(lambda a, b: (a + b) / 2, ys[t], ys[t + 1]) for t in range(0, len(ys), 2)]
-  return _plain_loop(ys=means)
+  return _plain_loop(fmt, ys=means)
 
 
 def donate_run(fmt):
@@ -221,16 +225,17 @@ def vmap_seeds_run(fmt):
   return _batched_run(fmt, None, SEEDS)
 
 
-def vmap_seeds_plain():
-  return [d for s in SEEDS for d in _plain_loop(ys=targets(s))]
+def vmap_seeds_plain(fmt):
+  return [d for s in SEEDS for d in _plain_loop(fmt, ys=targets(s))]
 
 
 def vmap_rho_run(fmt):
   return _batched_run(fmt, RHOS, SEEDS)
 
 
-def vmap_rho_plain():
-  return [d for r, s in zip(RHOS, SEEDS, strict=True) for d in _plain_loop(ys=targets(s), rho=r)]
+def vmap_rho_plain(fmt):
+  runs = zip(RHOS, SEEDS, strict=True)
+  return [d for r, s in runs for d in _plain_loop(fmt, ys=targets(s), rho=r)]
 
 
 def pmap_run(fmt):
@@ -253,12 +258,12 @@ def pmap_run(fmt):
   return displacement(jax.tree.map(lambda a: a[0], params))
 
 
-def pmap_plain():
+def pmap_plain(fmt):
   ys = [
     jax.tree.map(lambda a, b: (a + b) / 2, *pair)
     for pair in zip(targets(1), targets(2), strict=True)
   ]
-  return _plain_loop(ys=ys)
+  return _plain_loop(fmt, ys=ys)
 
 
 LAYOUT = {"w": P("data", "model"), "b": P("data")}
@@ -351,14 +356,14 @@ def export_run(fmt):
 class Context(NamedTuple):
   title: str  # as the guide's table names it
   run: Callable[..., list[np.ndarray]]
-  plain: Callable[[], list[np.ndarray]]
+  plain: Callable[[dict[str, Any]], list[np.ndarray]]
 
 
 CONTEXTS: dict[str, Context] = {
   "chain": Context(
     "`optax.chain(clip_by_global_norm, add_decayed_weights, adadelta)`",
     chain_run,
-    lambda: _plain_loop(_clip_and_decay),
+    lambda fmt: _plain_loop(fmt, _clip_and_decay),
   ),
   "nnx": Context("flax `nnx.Optimizer`", nnx_run, _plain_loop),
   "linen": Context("flax linen `TrainState`", linen_run, _plain_loop),

@@ -6,7 +6,11 @@ context (tests/matrix.py), within the format's documented precision
 stochastic rounding is off by at most one bfloat16 step (2⁻⁷ = 0.8 %) of each average, so
 by at most 0.8 % of a step, 1 % allowed; 8-bit by at most one code step (6.8 %), 7 % allowed.
 The float32 cells themselves are compared with the same computation written without the
-context. A refused cell must fail before training, with an error naming the combination.
+context. So are the factored cells (#26), with the factored optimizer: its row and column
+means are another algorithm, not a rounding of float32's, so no precision bounds its distance
+from the float32 run; without the context it must give the same numbers up to float32
+rounding, as float32 does. A refused cell must fail before training, with an error naming
+the combination.
 
 The guide's table (docs/guides/combinations.md) is rendered from ``EXPECTED``; after a
 change, rewrite it with ``python -m tests.test_combinations``.
@@ -25,8 +29,11 @@ from tests import matrix
 from tests.sharding_checks import needs_eight_devices
 
 # Largest |difference| allowed from the float32 per-leaf run, relative to the largest
-# displacement of the parameters. float32: a few ulps of each of the six steps.
-TOLERANCE = {"float32": 3e-5, "bf16_sr": 1e-2, "8bit": 7e-2, "packed": 0.0}
+# displacement of the parameters. float32: a few ulps of each of the six steps. factored: the
+# same, from the factored run without the context (its means are summed in another order
+# when the parameters are split).
+TOLERANCE = {"float32": 3e-5, "bf16_sr": 1e-2, "8bit": 7e-2, "packed": 0.0, "factored": 3e-5}
+COMPARED_WITHOUT_THE_CONTEXT = ("float32", "factored")  # the others: with float32's run
 EIGHT_DEVICES = {"auto_sharded", "explicit_sharded", "zero"}
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "combinations.md"
 
@@ -66,8 +73,8 @@ def _float32_run(context):
 
 
 @functools.cache
-def _plain(context):
-  return matrix.CONTEXTS[context].plain()
+def _plain(context, fmt="float32"):
+  return matrix.CONTEXTS[context].plain(matrix.FORMATS[fmt])
 
 
 def _assert_close(got, want, tolerance, what):
@@ -81,7 +88,7 @@ def _assert_close(got, want, tolerance, what):
 
 
 @pytest.mark.parametrize(("fmt", "context"), list(_cells()))
-def test_each_format_in_each_context_trains_like_float32_or_is_refused(fmt, context):
+def test_each_format_in_each_context_trains_as_its_reference_or_is_refused(fmt, context):
   run = functools.partial(matrix.CONTEXTS[context].run, matrix.FORMATS[fmt])
   expected = EXPECTED.get((fmt, context))
   if isinstance(expected, Refused):
@@ -90,8 +97,8 @@ def test_each_format_in_each_context_trains_like_float32_or_is_refused(fmt, cont
     return
   got = run()
   assert all(np.isfinite(d).all() for d in got)
-  if fmt == "float32":
-    _assert_close(got, _plain(context), TOLERANCE[fmt], f"float32 in {context} vs without it")
+  if fmt in COMPARED_WITHOUT_THE_CONTEXT:
+    _assert_close(got, _plain(context, fmt), TOLERANCE[fmt], f"{fmt} in {context} vs without it")
   elif fmt == "packed":  # the same numbers as the per-leaf state, bit for bit
     for a, b in zip(got, _float32_run(context), strict=True):
       np.testing.assert_array_equal(a, b)
@@ -99,10 +106,21 @@ def test_each_format_in_each_context_trains_like_float32_or_is_refused(fmt, cont
     _assert_close(got, _float32_run(context), TOLERANCE[fmt], f"{fmt} vs float32 in {context}")
 
 
-def test_the_float32_comparison_can_fail():
+@pytest.mark.parametrize("fmt", COMPARED_WITHOUT_THE_CONTEXT)
+def test_the_comparison_without_the_context_can_fail(fmt):
   """The plain loops are not the contexts' own code: a different ρ is seen."""
+  other_rho = matrix._plain_loop(matrix.FORMATS[fmt], rho=0.8)
   with pytest.raises(AssertionError, match="off by"):
-    _assert_close(matrix._plain_loop(rho=0.8), _plain("jit_donate"), TOLERANCE["float32"], "ρ")
+    _assert_close(other_rho, _plain("jit_donate", fmt), TOLERANCE[fmt], "ρ")
+
+
+def test_the_factored_cells_are_not_float32s():
+  """The factored state trains w (4 × 256, factored) unlike float32 and b (8,, full) alike:
+  its cells test the factored update, and the full leaves inside it."""
+  factored, float32 = _plain("jit_donate", "factored"), _plain("jit_donate")
+  with pytest.raises(AssertionError, match="off by"):
+    _assert_close(factored[:1], float32[:1], 0.05, "w factored vs float32")
+  _assert_close(factored[1:], float32[1:], TOLERANCE["float32"], "b full in both")
 
 
 def render_table() -> str:
