@@ -26,11 +26,12 @@ XLA decides where the slicing happens.
 
 A leaf is split along its largest dimension that the axis size divides (the first such
 if several are equally large); a leaf with no such dimension (a bias of 10 on 8 devices, a
-step count) stays replicated. The shardings name only ``axis``: parameters already split
-over other mesh axes (tensor parallelism) are better served by the default state, which
-follows them. The packed state (``packed_state=True``) is refused: its flat array
-concatenates the small leaves inside the update, so a split of it would be undone by
-gathers every step.
+step count) stays replicated; a factored matrix's row and column means (``factored=True``)
+are split as their parameter would be, less the averaged axis. The shardings name only
+``axis``: parameters already split over other mesh axes (tensor parallelism) are better
+served by the default state, which follows them. The packed state (``packed_state=True``)
+is refused: its flat array concatenates the small leaves inside the update, so a split of
+it would be undone by gathers every step.
 """
 
 from __future__ import annotations
