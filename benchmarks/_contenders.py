@@ -8,6 +8,7 @@ from the same parameters and gradients and a zero state.
 from __future__ import annotations
 
 import ctypes
+import gc
 import inspect
 import os
 import shutil
@@ -110,6 +111,30 @@ class TorchContender:
     self.memory["state_bytes"] = sum(
       t.nbytes for s in state for t in s.values() if isinstance(t, self._torch.Tensor)
     )
+
+
+def interleaved_times(contenders, repeats: int) -> dict[str, list[float]]:
+  """Seconds of `repeats` single steps of each contender (`prepare()`, then a timed `run()`),
+  after one warm-up step each; the contenders take turns, each repeat starting one later, so
+  that drifts of the machine fall on all of them alike."""
+  for contender in contenders:  # warm-up: compiles, allocates the state, faults pages in
+    contender.prepare()
+    contender.run()
+  times: dict[str, list[float]] = {c.name: [] for c in contenders}
+  gc.collect()
+  gc.disable()  # a collection inside a timed step would be charged to whoever ran then
+  try:
+    for repeat in range(repeats):
+      turn = repeat % len(contenders)
+      for contender in contenders[turn:] + contenders[:turn]:
+        contender.prepare()
+        time.sleep(0.005)  # lets the previous step's worker threads go to sleep
+        start = time.perf_counter()
+        contender.run()
+        times[contender.name].append(time.perf_counter() - start)
+  finally:
+    gc.enable()
+  return times
 
 
 def optax_adadelta_implementations() -> list[str]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -128,21 +127,7 @@ def _time_steps(shapes, makers, repeats) -> tuple[dict, dict]:
   grads = {k: jnp.asarray(rng.standard_normal(s, np.float32)) for k, s in shapes.items()}
   contenders = [_contenders.JaxContender(n, make(), params, grads) for n, make in makers.items()]
   del params, grads
-  for contender in contenders:  # warm-up: allocates the state and faults its pages in
-    contender.prepare()
-    contender.run()
-  times: dict[str, list[float]] = {c.name: [] for c in contenders}
-  gc.collect()
-  gc.disable()  # a collection inside a timed step would be charged to whoever ran then
-  for repeat in range(repeats):
-    turn = repeat % len(contenders)
-    for contender in contenders[turn:] + contenders[:turn]:
-      contender.prepare()
-      time.sleep(0.005)  # lets the previous step's worker threads go to sleep
-      start = time.perf_counter()
-      contender.run()
-      times[contender.name].append(time.perf_counter() - start)
-  gc.enable()
+  times = _contenders.interleaved_times(contenders, repeats)
   medians = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
   return medians, {name: [t * 1e3 for t in ts] for name, ts in times.items()}
 

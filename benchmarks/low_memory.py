@@ -25,7 +25,6 @@ Prints markdown tables; ``--out`` also writes them and the raw numbers as JSON.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
@@ -110,21 +109,7 @@ def speed(args) -> dict:
     baseline = optax.adadelta(learning_rate=1.0, rho=0.95, eps=1e-6)
     contenders.append(_contenders.JaxContender("optax.adadelta", baseline, params, grads))
     bytes_per["optax.adadelta"] = state_bytes_per_parameter(baseline, params)
-    for contender in contenders:  # warm-up
-      contender.prepare()
-      contender.run()
-    times = {c.name: [] for c in contenders}
-    gc.collect()
-    gc.disable()
-    for repeat in range(args.repeats):
-      turn = repeat % len(contenders)
-      for contender in contenders[turn:] + contenders[:turn]:
-        contender.prepare()
-        time.sleep(0.005)
-        start = time.perf_counter()
-        contender.run()
-        times[contender.name].append(time.perf_counter() - start)
-    gc.enable()
+    times = _contenders.interleaved_times(contenders, args.repeats)
     medians = {name: float(np.median(t)) * 1e3 for name, t in times.items()}
     sections[case] = {
       "title": f"({case}) {CASES[case]}: {len(shapes):,} leaves, "

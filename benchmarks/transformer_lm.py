@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import gc
 import hashlib
 import importlib.util
 import json
@@ -292,21 +291,7 @@ class _TrainStep:
 
 def interleaved_medians(runners, repeats) -> dict:
   """Median ms of `repeats` single steps each, taking turns (as benchmarks/step.py)."""
-  for runner in runners:  # compile and warm up
-    runner.prepare()
-    runner.run()
-  times = {r.name: [] for r in runners}
-  gc.collect()
-  gc.disable()
-  for repeat in range(repeats):
-    turn = repeat % len(runners)
-    for runner in runners[turn:] + runners[:turn]:
-      runner.prepare()
-      time.sleep(0.005)
-      start = time.perf_counter()
-      runner.run()
-      times[runner.name].append(time.perf_counter() - start)
-  gc.enable()
+  times = _contenders.interleaved_times(runners, repeats)
   return {name: float(np.median(t)) * 1e3 for name, t in times.items()}
 
 
